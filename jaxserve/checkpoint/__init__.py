@@ -1,0 +1,125 @@
+"""Loading models from the formats users have: HF safetensors dirs, GGUF files, jaxserve orbax dirs.
+
+`load_model(name_or_path)` returns config, parameters on device, and tokenizer, whatever the format.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from tqdm import tqdm
+
+from jaxserve.checkpoint.gguf_io import load_gguf, open_gguf
+from jaxserve.checkpoint.names import numpy_dtype
+from jaxserve.checkpoint.orbax_io import is_orbax_checkpoint, load_orbax_config, restore_orbax, save_orbax
+from jaxserve.checkpoint.registry import resolve_model
+from jaxserve.checkpoint.safetensors_io import load_safetensors_dir
+from jaxserve.config import ModelConfig
+from jaxserve.errors import CheckpointError
+from jaxserve.models import abstract_model
+from jaxserve.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: ModelConfig
+    graphdef: nnx.GraphDef
+    params: nnx.State      # jax arrays, placed by `shardings`
+    tokenizer: Tokenizer | None
+    dtype: str
+
+
+def resolve_dtype(dtype: str) -> str:
+    """"auto" is float32 on CPU (XLA:CPU bfloat16 matmuls are slow) and bfloat16 on accelerators."""
+    if dtype == "auto":
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    if dtype not in ("float32", "bfloat16"):
+        raise CheckpointError(f"dtype must be auto, float32 or bfloat16, not {dtype!r}")
+    return dtype
+
+
+def checkpoint_format(path: Path) -> str:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_file():
+        with open(path, "rb") as f:
+            if path.suffix == ".gguf" or f.read(4) == b"GGUF":
+                return "gguf"
+        raise CheckpointError(f"{path} is not a GGUF file (expected a .gguf file or a checkpoint directory)")
+    if is_orbax_checkpoint(path):
+        return "orbax"
+    if (path / "config.json").exists():
+        return "safetensors"
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return "gguf"
+    raise CheckpointError(f"{path} is not a checkpoint: expected config.json + *.safetensors, "
+                          "a .gguf file, or a jaxserve orbax directory")
+
+
+def read_numpy_checkpoint(path: Path, dtype: str, progress: bool = True):
+    """(config, numpy params, tokenizer) from a safetensors dir or GGUF file, with a progress bar."""
+    fmt = checkpoint_format(path)
+    if fmt == "gguf" and path.is_dir():
+        path = next(path.glob("*.gguf"))
+    with tqdm(desc=f"reading {path.name}", unit="tensor", disable=not progress, leave=False) as bar:
+        if fmt == "gguf":
+            reader = open_gguf(path)
+            bar.total = len(reader.tensors)
+            cfg, params = load_gguf(reader, dtype, bar.update)
+            return cfg, params, Tokenizer.from_gguf(reader)
+        if fmt == "safetensors":
+            cfg, params = load_safetensors_dir(path, dtype, bar.update)
+            tok = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
+            return cfg, params, tok
+    raise CheckpointError(f"{path} is already a jaxserve checkpoint")
+
+
+def _abstract_params(cfg: ModelConfig, dtype: str, shardings):
+    graphdef, state = abstract_model(cfg, jnp.dtype(dtype))
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    pure = state.to_pure_dict()
+    if shardings is None:
+        shardings = jax.tree.map(lambda _: default, pure)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), pure, shardings)
+    return graphdef, state, abstract
+
+
+def load_model(model: str | Path, dtype: str = "auto", shardings=None, progress: bool = True) -> LoadedModel:
+    """Loads a named default model or a local checkpoint. `shardings`: optional pytree of
+    jax.sharding.Sharding matching the params' pure dict; default is the first device."""
+    dtype = resolve_dtype(dtype)
+    path = resolve_model(str(model), progress=progress)
+    fmt = checkpoint_format(path)
+    if fmt == "orbax":
+        cfg = load_orbax_config(path)
+        graphdef, state, abstract = _abstract_params(cfg, dtype, shardings)
+        arrays = restore_orbax(path, abstract)
+        tok = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
+    else:
+        cfg, arrays, tok = read_numpy_checkpoint(path, dtype, progress)
+        graphdef, state, abstract = _abstract_params(cfg, dtype, shardings)
+        arrays = jax.tree.map(lambda a, s: jax.device_put(a, s.sharding), arrays, abstract)
+    nnx.replace_by_pure_dict(state, arrays)
+    log.info("loaded %s (%s, %s): %d layers, %.1fM params", model, fmt, dtype, cfg.num_layers,
+             sum(a.size for a in jax.tree.leaves(arrays)) / 1e6)
+    return LoadedModel(cfg, graphdef, state, tok, dtype)
+
+
+def convert(src: Path, dst: Path, dtype: str = "float32", progress: bool = True) -> Path:
+    """Converts a safetensors dir or GGUF file into a jaxserve orbax checkpoint at `dst`."""
+    dtype = resolve_dtype(dtype)
+    cfg, params, tok = read_numpy_checkpoint(Path(src), dtype, progress)
+    if progress:
+        tqdm.write(f"writing {dst}")
+    save_orbax(Path(dst), cfg, params, tok, dtype)
+    return Path(dst)
+
+
+__all__ = ["LoadedModel", "checkpoint_format", "convert", "load_model", "numpy_dtype", "resolve_dtype"]

@@ -1,0 +1,144 @@
+"""Frozen model configuration, built from an HF config.json (GGUF metadata: checkpoint/gguf_io.py)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from jaxserve.errors import CheckpointError, UnsupportedModelError
+
+# HF `model_type` values whose decoder this core implements.
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling: "linear" (position interpolation) or "llama3" (wavelength bands)."""
+    kind: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    # Per-frequency divisors of the RoPE inverse frequencies (llama.cpp's rope_freqs tensor).
+    rope_freq_factors: tuple[float, ...] | None = None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False          # Qwen2; Llama with attention_bias
+    o_bias: bool = False            # Llama with attention_bias
+    qk_norm: bool = False           # Qwen3: RMSNorm over each head of q and k
+    sliding_window: int | None = None
+    # MoE slot: 0 means the dense SwiGLU FFN; the MoE issue fills these in.
+    num_experts: int = 0
+    num_experts_per_token: int = 0
+
+    def __post_init__(self):
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"unsupported architecture {self.architecture!r}; jaxserve supports "
+                + ", ".join(SUPPORTED_ARCHITECTURES))
+        if self.num_heads % self.num_kv_heads:
+            raise CheckpointError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        d = json.loads(text)
+        if d.get("rope_scaling"):
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        if d.get("rope_freq_factors"):
+            d["rope_freq_factors"] = tuple(d["rope_freq_factors"])
+        return cls(**d)
+
+
+def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
+    """Reads rope theta and scaling from either transformers 4 (`rope_theta`, `rope_scaling`)
+    or transformers 5 (`rope_parameters`) config layouts."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or params)
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in (None, "default"):
+        return theta, None
+    if kind == "linear":
+        return theta, RopeScaling("linear", float(scaling["factor"]))
+    if kind == "llama3":
+        return theta, RopeScaling(
+            "llama3", float(scaling["factor"]), float(scaling["low_freq_factor"]),
+            float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
+    raise UnsupportedModelError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3)")
+
+
+def _sliding_window_from_hf(hf: dict, arch: str) -> int | None:
+    if arch in ("qwen2", "qwen3"):
+        if hf.get("use_sliding_window"):
+            raise UnsupportedModelError(f"{arch} with use_sliding_window=true is not supported")
+        return None
+    return hf.get("sliding_window")
+
+
+def from_hf_config(hf: dict) -> ModelConfig:
+    """Converts a parsed HF config.json into a ModelConfig."""
+    arch = hf.get("model_type")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"unsupported architecture {arch!r} (model_type in config.json); jaxserve supports "
+            + ", ".join(SUPPORTED_ARCHITECTURES))
+    if hf.get("mlp_bias"):
+        raise UnsupportedModelError("mlp_bias=true is not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"hidden_act={hf['hidden_act']!r} is not supported (silu only)")
+    try:
+        theta, scaling = _rope_from_hf(hf)
+        heads = int(hf["num_attention_heads"])
+        attention_bias = bool(hf.get("attention_bias", False))
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "qwen2" or attention_bias,
+            o_bias=arch != "qwen2" and attention_bias,
+            qk_norm=arch == "qwen3",
+            sliding_window=_sliding_window_from_hf(hf, arch),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"config.json is missing the field {e.args[0]!r}") from None
+
+
+def load_hf_config(path: Path) -> ModelConfig:
+    try:
+        hf = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    return from_hf_config(hf)

@@ -1,0 +1,30 @@
+"""Pure model code. `forward` and `logits` are pure functions of (params, KV state, inputs)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxserve.config import ModelConfig
+from jaxserve.models.transformer import KVCache, ParamSpec, Transformer, layer_param_specs, top_param_specs
+
+__all__ = ["KVCache", "ParamSpec", "Transformer", "abstract_model", "forward", "logits", "param_specs"]
+
+
+def abstract_model(cfg: ModelConfig, dtype=jnp.float32):
+    """(graphdef, abstract state) of the model, allocating nothing."""
+    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), dtype)))
+
+
+def param_specs(cfg: ModelConfig) -> dict:
+    """Nested {name: ParamSpec} matching the model's pure-dict state (minus constants)."""
+    return {**top_param_specs(cfg), "layers": layer_param_specs(cfg)}
+
+
+def forward(graphdef, state, kv: KVCache, tokens, positions):
+    """Pure forward: hidden states [B, T, D] and the updated cache."""
+    return nnx.merge(graphdef, state)(tokens, positions, kv)
+
+
+def logits(graphdef, state, hidden):
+    return nnx.merge(graphdef, state).logits(hidden)

@@ -1,0 +1,79 @@
+"""Pure layer math: RMSNorm, rotary embeddings, SwiGLU, attention over a contiguous KV cache."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.config import ModelConfig
+
+
+def rms_norm(x, weight, eps: float):
+    """Normalizes in float32 (as the HF reference does) and casts back."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse RoPE frequencies [head_dim // 2], float32, with the config's scaling applied."""
+    d = cfg.head_dim
+    inv = (1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d)))
+    inv = inv.astype(np.float32)
+    if cfg.rope_freq_factors is not None:
+        inv = inv / np.asarray(cfg.rope_freq_factors, np.float32)
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    if s.kind == "linear":
+        return (inv / s.factor).astype(np.float32)
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    old = s.original_max_position_embeddings
+    low_wavelen, high_wavelen = old / s.low_freq_factor, old / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions, inv_freq):
+    """positions [B, T] int32 -> cos, sin [B, T, head_dim] float32 (halves repeated, HF layout)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, head_dim // 2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, heads, head_dim]; rotates the two halves of each head (non-interleaved)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+
+
+def attend(q, k_cache, v_cache, positions, cfg: ModelConfig):
+    """Grouped-query attention of new queries over a contiguous cache indexed by position.
+
+    q [B, T, heads, head_dim]; k_cache, v_cache [B, S, kv_heads, head_dim]; positions [B, T].
+    Slot s of row b holds the token at position s, so causality is `s <= position`.
+    """
+    b, t, _, hd = q.shape
+    q = q.reshape(b, t, cfg.num_kv_heads, cfg.q_per_kv, hd)  # [B, T, kv_heads, group, hd]
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(hd)
+    slots = jnp.arange(k_cache.shape[1])
+    visible = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    if cfg.sliding_window:
+        visible &= slots[None, None, :] > positions[:, :, None] - cfg.sliding_window
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache)
+    return out.reshape(b, t, cfg.num_heads * hd)

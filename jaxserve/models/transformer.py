@@ -1,0 +1,167 @@
+"""The decoder-only transformer (Llama, Mistral, Qwen2, Qwen3, SmolLM2) in Flax NNX.
+
+Layer weights are stacked along a leading `layers` axis and run with `lax.scan`, so XLA compiles one
+layer body however deep the model is. Matrices are stored as [in, out] so activations do `x @ w`.
+Every parameter carries its logical axes (`logical_axes` metadata) for the sharding table.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxserve.config import ModelConfig
+from jaxserve.models import layers as L
+
+
+class KVCache(NamedTuple):
+    """Contiguous KV cache: k, v [layers, batch, max_len, kv_heads, head_dim]; slot == position."""
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype) -> "KVCache":
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    logical_axes: tuple[str, ...]
+    init: str = "normal"  # normal | ones | zeros
+
+
+def layer_param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    """Every per-layer parameter, stacked over layers. The single description of the layer."""
+    n, d, f, hd = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    specs = {
+        "attn_norm": ParamSpec((n, d), ("layers", "embed"), "ones"),
+        "wq": ParamSpec((n, d, q), ("layers", "embed", "q_heads")),
+        "wk": ParamSpec((n, d, kv), ("layers", "embed", "kv_heads")),
+        "wv": ParamSpec((n, d, kv), ("layers", "embed", "kv_heads")),
+        "wo": ParamSpec((n, q, d), ("layers", "q_heads", "embed")),
+        "mlp_norm": ParamSpec((n, d), ("layers", "embed"), "ones"),
+    }
+    if cfg.qkv_bias:
+        specs["bq"] = ParamSpec((n, q), ("layers", "q_heads"), "zeros")
+        specs["bk"] = ParamSpec((n, kv), ("layers", "kv_heads"), "zeros")
+        specs["bv"] = ParamSpec((n, kv), ("layers", "kv_heads"), "zeros")
+    if cfg.o_bias:
+        specs["bo"] = ParamSpec((n, d), ("layers", "embed"), "zeros")
+    if cfg.qk_norm:
+        specs["q_norm"] = ParamSpec((n, hd), ("layers", "head_dim"), "ones")
+        specs["k_norm"] = ParamSpec((n, hd), ("layers", "head_dim"), "ones")
+    specs.update(ffn_param_specs(cfg))
+    return specs
+
+
+def ffn_param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    """The FFN block's parameters. The MoE issue adds expert-stacked weights here."""
+    if cfg.num_experts:
+        raise NotImplementedError("MoE FFN blocks are not implemented yet")
+    n, d, f = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    return {
+        "w_gate": ParamSpec((n, d, f), ("layers", "embed", "ffw")),
+        "w_up": ParamSpec((n, d, f), ("layers", "embed", "ffw")),
+        "w_down": ParamSpec((n, f, d), ("layers", "ffw", "embed")),
+    }
+
+
+def top_param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    specs = {
+        "embed": ParamSpec((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed")),
+        "final_norm": ParamSpec((cfg.hidden_size,), ("embed",), "ones"),
+    }
+    if not cfg.tie_word_embeddings:
+        specs["lm_head"] = ParamSpec((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+    return specs
+
+
+def _make_param(spec: ParamSpec, key, dtype) -> nnx.Param:
+    if spec.init == "ones":
+        value = jnp.ones(spec.shape, dtype)
+    elif spec.init == "zeros":
+        value = jnp.zeros(spec.shape, dtype)
+    else:
+        value = (0.02 * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=spec.logical_axes)
+
+
+def _make_params(module: nnx.Module, specs: dict[str, ParamSpec], rngs: nnx.Rngs, dtype):
+    for name, spec in specs.items():
+        setattr(module, name, _make_param(spec, rngs.params(), dtype))
+
+
+def ffn(p: dict, x, cfg: ModelConfig):
+    """The FFN block of one layer; the MoE block replaces this for expert models."""
+    return L.swiglu(x, p["w_gate"], p["w_up"], p["w_down"])
+
+
+def decoder_layer(p: dict, x, k_cache, v_cache, positions, rope, cfg: ModelConfig):
+    """One layer. x [B, T, D]; k_cache, v_cache [B, S, kv_heads, hd]; returns x and the caches."""
+    b, t, _ = x.shape
+    h = L.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+    q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
+    if cfg.qkv_bias:
+        q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+    q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q = L.rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
+        k = L.rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+    cos, sin = rope
+    q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
+    # Rows hold consecutive positions, so each row's new K/V is one contiguous slice of its cache.
+    write = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(cache, new, start, 0))
+    k_cache = write(k_cache, k.astype(k_cache.dtype), positions[:, 0])
+    v_cache = write(v_cache, v.astype(v_cache.dtype), positions[:, 0])
+    attn = L.attend(q, k_cache, v_cache, positions, cfg) @ p["wo"]
+    if cfg.o_bias:
+        attn = attn + p["bo"]
+    x = x + attn
+    x = x + ffn(p, L.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), cfg)
+    return x, k_cache, v_cache
+
+
+class DecoderStack(nnx.Module):
+    """All decoder layers, their weights stacked along axis 0."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype):
+        self.cfg = cfg
+        _make_params(self, layer_param_specs(cfg), rngs, dtype)
+
+    def __call__(self, x, kv: KVCache, positions, rope):
+        stacked = {name: getattr(self, name)[...] for name in layer_param_specs(self.cfg)}
+
+        def body(x, xs):
+            p, k_cache, v_cache = xs
+            x, k_cache, v_cache = decoder_layer(p, x, k_cache, v_cache, positions, rope, self.cfg)
+            return x, (k_cache, v_cache)
+
+        x, (k, v) = jax.lax.scan(body, x, (stacked, kv.k, kv.v))
+        return x, KVCache(k, v)
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.cfg = cfg
+        _make_params(self, top_param_specs(cfg), rngs, dtype)
+        self.layers = DecoderStack(cfg, rngs, dtype)
+
+    def __call__(self, tokens, positions, kv: KVCache):
+        """tokens, positions [B, T] int32 -> hidden states [B, T, D] (final norm applied), new cache."""
+        x = self.embed[...][tokens]
+        rope = L.rope_cos_sin(positions, L.rope_inv_freq(self.cfg))  # a compile-time constant
+        x, kv = self.layers(x, kv, positions, rope)
+        return L.rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps), kv
+
+    def logits(self, hidden):
+        """hidden [..., D] -> float32 logits [..., vocab]."""
+        head = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+        return jnp.matmul(hidden, head, preferred_element_type=jnp.float32)
