@@ -68,12 +68,14 @@ def read_numpy_checkpoint(path: Path, dtype: str, progress: bool = True):
     fmt = checkpoint_format(path)
     if fmt == "gguf" and path.is_dir():
         path = next(path.glob("*.gguf"))
-    with tqdm(desc=f"reading {path.name}", unit="tensor", disable=not progress, leave=False) as bar:
+    # disable=None: a bar on terminals only, so logs and pipes stay clean
+    with tqdm(desc=f"reading {path.name}", unit="tensor", disable=None if progress else True, leave=False) as bar:
         if fmt == "gguf":
             reader = open_gguf(path)
             bar.total = len(reader.tensors)
             cfg, params = load_gguf(reader, dtype, bar.update)
-            return cfg, params, Tokenizer.from_gguf(reader)
+            has_tokenizer = "tokenizer.ggml.tokens" in reader.fields
+            return cfg, params, Tokenizer.from_gguf(reader) if has_tokenizer else None
         if fmt == "safetensors":
             cfg, params = load_safetensors_dir(path, dtype, bar.update)
             tok = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
@@ -84,7 +86,7 @@ def read_numpy_checkpoint(path: Path, dtype: str, progress: bool = True):
 def _abstract_params(cfg: ModelConfig, dtype: str, shardings):
     graphdef, state = abstract_model(cfg, jnp.dtype(dtype))
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    pure = state.to_pure_dict()
+    pure = nnx.to_pure_dict(state)
     if shardings is None:
         shardings = jax.tree.map(lambda _: default, pure)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), pure, shardings)

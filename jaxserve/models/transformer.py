@@ -121,7 +121,7 @@ def decoder_layer(p: dict, x, k_cache, v_cache, positions, rope, cfg: ModelConfi
     write = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(cache, new, start, 0))
     k_cache = write(k_cache, k.astype(k_cache.dtype), positions[:, 0])
     v_cache = write(v_cache, v.astype(v_cache.dtype), positions[:, 0])
-    attn = L.attend(q, k_cache, v_cache, positions, cfg) @ p["wo"]
+    attn = L.attend(q, k_cache, v_cache, positions, cfg).astype(x.dtype) @ p["wo"]
     if cfg.o_bias:
         attn = attn + p["bo"]
     x = x + attn

