@@ -102,8 +102,12 @@ def ffn(p: dict, x, cfg: ModelConfig):
     return L.swiglu(x, p["w_gate"], p["w_up"], p["w_down"])
 
 
-def decoder_layer(p: dict, x, k_cache, v_cache, positions, rope, cfg: ModelConfig):
-    """One layer. x [B, T, D]; k_cache, v_cache [B, S, kv_heads, hd]; returns x and the caches."""
+def decoder_layer(p: dict, x, kv: KVCache, layer, positions, rope, cfg: ModelConfig):
+    """One layer. x [B, T, D]; kv holds every layer's cache, of which this writes and reads `layer`.
+
+    The new K/V rows are scattered into the whole-model cache at [layer, row, position], so under a
+    donated jit the cache is updated in place instead of rebuilt every step.
+    """
     b, t, _ = x.shape
     h = L.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
     q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
@@ -117,16 +121,15 @@ def decoder_layer(p: dict, x, k_cache, v_cache, positions, rope, cfg: ModelConfi
         k = L.rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
     cos, sin = rope
     q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
-    # Rows hold consecutive positions, so each row's new K/V is one contiguous slice of its cache.
-    write = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(cache, new, start, 0))
-    k_cache = write(k_cache, k.astype(k_cache.dtype), positions[:, 0])
-    v_cache = write(v_cache, v.astype(v_cache.dtype), positions[:, 0])
-    attn = L.attend(q, k_cache, v_cache, positions, cfg).astype(x.dtype) @ p["wo"]
+    rows = jnp.arange(b)[:, None]  # [B, 1]; positions past the cache are dropped, not clamped
+    kv = KVCache(kv.k.at[layer, rows, positions].set(k.astype(kv.k.dtype), mode="drop"),
+                 kv.v.at[layer, rows, positions].set(v.astype(kv.v.dtype), mode="drop"))
+    attn = L.attend(q, kv.k[layer], kv.v[layer], positions, cfg).astype(x.dtype) @ p["wo"]
     if cfg.o_bias:
         attn = attn + p["bo"]
     x = x + attn
     x = x + ffn(p, L.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), cfg)
-    return x, k_cache, v_cache
+    return x, kv
 
 
 class DecoderStack(nnx.Module):
@@ -139,13 +142,14 @@ class DecoderStack(nnx.Module):
     def __call__(self, x, kv: KVCache, positions, rope):
         stacked = {name: getattr(self, name)[...] for name in layer_param_specs(self.cfg)}
 
-        def body(x, xs):
-            p, k_cache, v_cache = xs
-            x, k_cache, v_cache = decoder_layer(p, x, k_cache, v_cache, positions, rope, self.cfg)
-            return x, (k_cache, v_cache)
+        def body(carry, xs):
+            x, kv = carry
+            p, layer = xs
+            return decoder_layer(p, x, kv, layer, positions, rope, self.cfg), None
 
-        x, (k, v) = jax.lax.scan(body, x, (stacked, kv.k, kv.v))
-        return x, KVCache(k, v)
+        layers = jnp.arange(self.cfg.num_layers)
+        (x, kv), _ = jax.lax.scan(body, (x, kv), (stacked, layers))
+        return x, kv
 
 
 class Transformer(nnx.Module):
