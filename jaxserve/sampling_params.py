@@ -6,6 +6,8 @@ import math
 
 from jaxserve.errors import InvalidRequestError
 
+MAX_LOGPROBS = 20  # the sampler always computes this many top log-probabilities when any are asked for
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -13,10 +15,15 @@ class SamplingParams:
     temperature: float = 1.0   # 0 means greedy
     top_p: float = 1.0         # nucleus mass kept, in (0, 1]
     top_k: int = 0             # 0 (or -1) keeps the whole vocabulary
+    min_p: float = 0.0         # drop tokens below min_p * (probability of the most likely token)
+    repetition_penalty: float = 1.0  # > 1 discourages any token already in prompt or output (HF/CTRL rule)
+    presence_penalty: float = 0.0    # subtracted once from tokens already generated
+    frequency_penalty: float = 0.0   # subtracted per occurrence in the generated tokens
     seed: int | None = None    # makes sampling reproducible per request
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()           # stop strings, excluded from the returned text
     stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None          # top-n log-probabilities per generated token (0..MAX_LOGPROBS)
 
     def __post_init__(self):
         # Accept a single stop string or lists from callers; store tuples so params stay hashable.
@@ -31,6 +38,12 @@ class SamplingParams:
         _check_number("temperature", self.temperature, "must be >= 0", lambda v: v >= 0)
         _check_number("top_p", self.top_p, "must be in (0, 1]", lambda v: 0 < v <= 1)
         _check_int("top_k", self.top_k, low=-1)
+        _check_number("min_p", self.min_p, "must be in [0, 1]", lambda v: 0 <= v <= 1)
+        _check_number("repetition_penalty", self.repetition_penalty, "must be > 0", lambda v: v > 0)
+        _check_number("presence_penalty", self.presence_penalty, "must be in [-2, 2]", lambda v: -2 <= v <= 2)
+        _check_number("frequency_penalty", self.frequency_penalty, "must be in [-2, 2]", lambda v: -2 <= v <= 2)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
         if self.seed is not None:
             _check_int("seed", self.seed, low=0, high=2**31 - 1)
         if not isinstance(self.ignore_eos, bool):
@@ -44,6 +57,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
 
 
 def _check_number(field: str, value, rule: str, ok) -> None:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jaxserve import SamplingParams
-from jaxserve.engine.sampler import SamplingArrays, sample
+from jaxserve.engine.sampler import PenaltyState, SamplingInputs, sample
 from jaxserve.errors import InvalidRequestError
 
 
@@ -18,11 +18,22 @@ def test_invalid_values_name_the_field(field, value):
         SamplingParams(**{field: value})
 
 
-def draws(logits_row, n=4000, **params):
+def sampling_inputs(n, counts=None, **params) -> tuple[SamplingInputs, PenaltyState]:
+    p = SamplingParams(**params)
+    col = lambda v, dtype=jnp.float32: jnp.full(n, v, dtype)  # noqa: E731
+    inputs = SamplingInputs(col(p.temperature), col(max(p.top_k, 0), jnp.int32), col(p.top_p), col(p.min_p),
+                            col(p.repetition_penalty), col(p.presence_penalty), col(p.frequency_penalty),
+                            col(p.seed or 0, jnp.int32), jnp.arange(n, dtype=jnp.int32),
+                            col(0 if counts is not None else 1, jnp.int32))
+    counts = jnp.zeros((1, 4), jnp.int32) if counts is None else jnp.asarray([counts], jnp.int32)
+    return inputs, PenaltyState(jnp.zeros_like(counts, jnp.int8), counts)
+
+
+def draws(logits_row, n=4000, counts=None, **params):
     """n independent draws from one logits row: n rows, each with its own position in the key."""
     logits = jnp.tile(jnp.asarray(logits_row, jnp.float32), (n, 1))
-    arrays = SamplingArrays.from_params([SamplingParams(**params)] * n, n)
-    return np.asarray(sample(logits, arrays, jnp.arange(n)))
+    packed = sample(logits, *sampling_inputs(n, counts, **params), jnp.bool_(False))
+    return np.asarray(packed[:, 0]).astype(int)
 
 
 LOGITS = np.log(np.array([0.5, 0.25, 0.15, 0.1]))
@@ -39,6 +50,28 @@ def test_top_k_and_top_p_cut_the_tail():
     assert set(draws(LOGITS, temperature=1.0, top_p=0.7, seed=3)) == {0, 1}
     freq = np.bincount(draws(LOGITS, temperature=1.0, top_k=2, seed=4), minlength=4) / 4000
     np.testing.assert_allclose(freq[:2], [2 / 3, 1 / 3], atol=0.03)
+
+
+def test_min_p_drops_unlikely_tokens():
+    # min_p=0.4: tokens need p >= 0.4 * 0.5 = 0.2, so tokens 0 and 1 remain
+    assert set(draws(LOGITS, temperature=1.0, min_p=0.4, seed=6)) == {0, 1}
+
+
+def test_penalties_follow_vllm_rules():
+    # token 0 generated 3 times: frequency 0.5 costs 1.5, presence 1.0 costs 1 more
+    assert set(draws(LOGITS, n=32, counts=[3, 0, 0, 0], temperature=0.0, frequency_penalty=0.5,
+                     presence_penalty=1.0)) == {1}
+    # repetition 3.0 divides token 0's positive logit... here all logits are negative: multiplied
+    assert set(draws(LOGITS, n=32, counts=[1, 0, 0, 0], temperature=0.0, repetition_penalty=3.0)) == {1}
+    assert set(draws(LOGITS, n=32, counts=[1, 0, 0, 0], temperature=0.0, repetition_penalty=1.1)) == {0}
+
+
+def test_logprobs_are_of_the_raw_distribution():
+    logits = jnp.asarray([LOGITS], jnp.float32)
+    packed = np.asarray(sample(logits, *sampling_inputs(1, temperature=0.0), jnp.bool_(True)))[0]
+    assert packed[0] == 0 and np.isclose(packed[1], np.log(0.5), atol=1e-5)
+    np.testing.assert_allclose(packed[2:6], [0, 1, 2, 3])
+    np.testing.assert_allclose(packed[22:26], np.log([0.5, 0.25, 0.15, 0.1]), atol=1e-5)
 
 
 def test_greedy_and_low_temperature():
@@ -71,10 +104,10 @@ def test_stop_strings_ignore_eos_and_max_tokens(smollm2_llm):
 def test_repeated_calls_do_not_recompile(smollm2_llm):
     params = SamplingParams(max_tokens=5, temperature=0.5, seed=3)
     smollm2_llm.generate(["a b c", "d e"], params)
-    before = smollm2_llm.generator.compile_count()
+    before = smollm2_llm.engine.compile_count
     for prompt in (["x y z w", "q"], ["hello there", "one two three"]):
         smollm2_llm.generate(prompt, params)
-    assert smollm2_llm.generator.compile_count() == before
+    assert smollm2_llm.engine.compile_count == before
 
 
 @pytest.mark.parametrize("prompt,match", [
@@ -89,5 +122,5 @@ def test_bad_prompts(smollm2_llm, prompt, match):
 def test_prompt_longer_than_context(smollm2_llm):
     with pytest.raises(InvalidRequestError, match="more than the model context of 8192"):
         smollm2_llm.generate([[7] * 8192])
-    with pytest.raises(InvalidRequestError, match="max_tokens=200"):
+    with pytest.raises(InvalidRequestError, match=r"max_tokens \(200\)"):
         smollm2_llm.generate([[7] * 8000], SamplingParams(max_tokens=200))

@@ -61,7 +61,7 @@ def test_safetensors_gguf_and_orbax_give_identical_logits(smollm2_gguf, hf_smoll
     convert(smollm2_gguf, tmp_path / "from_gguf", progress=False)
     convert(st_dir, tmp_path / "from_st", progress=False)
     ids = smollm2_llm.tokenizer.encode_chat(CHAT)
-    reference = our_logits(smollm2_llm.model, ids)
+    reference = our_logits(smollm2_llm.engine.model, ids)
     for path in (st_dir, tmp_path / "from_gguf", tmp_path / "from_st"):
         loaded = load_model(path, dtype="float32", progress=False)
         assert loaded.config == smollm2_llm.config
@@ -74,5 +74,5 @@ def test_incremental_decoding_matches_one_pass(smollm2_llm, hf_smollm2, split):
     ids = smollm2_llm.tokenizer.encode(PROMPTS[2])
     with torch.no_grad():
         ref = hf_smollm2(torch.tensor([ids])).logits[0].numpy()
-    got = our_logits(smollm2_llm.model, ids, split=min(split, len(ids) - 1))
+    got = our_logits(smollm2_llm.engine.model, ids, split=min(split, len(ids) - 1))
     assert np.abs(got - ref).max() < 1e-3  # float32 over 30 layers; logits reach ~40

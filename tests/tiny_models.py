@@ -153,20 +153,27 @@ def write_gguf(model, path: Path, tensor_type=None, raw_overrides=None) -> Path:
     return path
 
 
-def our_logits(loaded, ids, split: int | None = None) -> np.ndarray:
-    """Logits [T, vocab] from jaxserve's forward. With `split`, the first `split` tokens are prefilled
-    and the rest fed one at a time through the KV cache, which must give the same numbers."""
+def our_logits(loaded, ids, split: int | None = None, page_size: int = 16) -> np.ndarray:
+    """Logits [T, vocab] from jaxserve's forward over the paged cache, for one sequence. With `split`,
+    the first `split` tokens are prefilled and the rest fed one at a time through the KV pages, which
+    must give the same numbers."""
     import jax.numpy as jnp
 
-    from jaxserve.models import KVCache, forward, logits
+    from jaxserve.models import AttentionMetadata, KVCache, forward, logits
 
-    kv = KVCache.zeros(loaded.config, 1, 1 << (len(ids) - 1).bit_length(), jnp.dtype(loaded.dtype))
+    num_pages = -(-len(ids) // page_size)
+    pages = np.arange(1, num_pages + 1, dtype=np.int32)  # page 0 is the null page
+    kv = KVCache.zeros(loaded.config, num_pages + 1, page_size, jnp.dtype(loaded.dtype))
     chunks = [ids] if split is None else [ids[:split]] + [[t] for t in ids[split:]]
     out, start = [], 0
     for chunk in chunks:
-        tokens = jnp.asarray([chunk], jnp.int32)
-        positions = jnp.arange(start, start + len(chunk), dtype=jnp.int32)[None]
-        hidden, kv = forward(loaded.graphdef, loaded.params, kv, tokens, positions)
-        out.append(np.asarray(logits(loaded.graphdef, loaded.params, hidden))[0])
+        positions = np.arange(start, start + len(chunk), dtype=np.int32)
+        meta = AttentionMetadata(
+            slot_mapping=jnp.asarray(pages[positions // page_size] * page_size + positions % page_size),
+            kv_lens=jnp.asarray([start + len(chunk)], jnp.int32), page_tables=jnp.asarray(pages[None]),
+            cu_q_lens=jnp.asarray([0, len(chunk)], jnp.int32), num_seqs=jnp.asarray(1, jnp.int32))
+        hidden, kv = forward(loaded.graphdef, loaded.params, kv, jnp.asarray(chunk, jnp.int32),
+                             jnp.asarray(positions), meta)
+        out.append(np.asarray(logits(loaded.graphdef, loaded.params, hidden)))
         start += len(chunk)
     return np.concatenate(out)

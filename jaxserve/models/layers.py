@@ -1,4 +1,4 @@
-"""Pure layer math: RMSNorm, rotary embeddings, SwiGLU, attention over a contiguous KV cache."""
+"""Pure layer math: RMSNorm, rotary embeddings, SwiGLU."""
 from __future__ import annotations
 
 import math
@@ -41,39 +41,19 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
 
 
 def rope_cos_sin(positions, inv_freq):
-    """positions [B, T] int32 -> cos, sin [B, T, head_dim] float32 (halves repeated, HF layout)."""
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, head_dim // 2]
+    """positions [T] int32 -> cos, sin [T, head_dim] float32 (halves repeated, HF layout)."""
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq  # [T, head_dim // 2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
 
 def apply_rope(x, cos, sin):
-    """x [B, T, heads, head_dim]; rotates the two halves of each head (non-interleaved)."""
+    """x [T, heads, head_dim]; rotates the two halves of each head (non-interleaved)."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    cos, sin = cos[:, None, :].astype(x.dtype), sin[:, None, :].astype(x.dtype)
     return x * cos + rotated * sin
 
 
 def swiglu(x, w_gate, w_up, w_down):
     return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
-
-
-def attend(q, k_cache, v_cache, positions, cfg: ModelConfig):
-    """Grouped-query attention of new queries over a contiguous cache indexed by position.
-
-    q [B, T, heads, head_dim]; k_cache, v_cache [B, S, kv_heads, head_dim]; positions [B, T].
-    Slot s of row b holds the token at position s, so causality is `s <= position`.
-    """
-    b, t, _, hd = q.shape
-    q = q.reshape(b, t, cfg.num_kv_heads, cfg.q_per_kv, hd)  # [B, T, kv_heads, group, hd]
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(hd)
-    slots = jnp.arange(k_cache.shape[1])
-    visible = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
-    if cfg.sliding_window:
-        visible &= slots[None, None, :] > positions[:, :, None] - cfg.sliding_window
-    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache)
-    return out.reshape(b, t, cfg.num_heads * hd)

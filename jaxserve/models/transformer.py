@@ -15,17 +15,28 @@ from flax import nnx
 
 from jaxserve.config import ModelConfig
 from jaxserve.models import layers as L
+from jaxserve.ops.attention import ragged_paged_attention, write_kv
 
 
 class KVCache(NamedTuple):
-    """Contiguous KV cache: k, v [layers, batch, max_len, kv_heads, head_dim]; slot == position."""
+    """Paged KV cache: k, v [layers, num_pages, page_size, kv_heads, head_dim]. Page 0 is the null
+    page that padding tokens write to."""
     k: jax.Array
     v: jax.Array
 
     @classmethod
-    def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype) -> "KVCache":
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    def zeros(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> "KVCache":
+        shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+class AttentionMetadata(NamedTuple):
+    """Where a flat batch of tokens belongs (see jaxserve/ops/attention.py for the contract)."""
+    slot_mapping: jax.Array  # [tokens] flat KV slot each new token is written to
+    kv_lens: jax.Array       # [seqs]
+    page_tables: jax.Array   # [seqs, max_pages]
+    cu_q_lens: jax.Array     # [seqs + 1]
+    num_seqs: jax.Array      # []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,29 +113,26 @@ def ffn(p: dict, x, cfg: ModelConfig):
     return L.swiglu(x, p["w_gate"], p["w_up"], p["w_down"])
 
 
-def decoder_layer(p: dict, x, kv: KVCache, layer, positions, rope, cfg: ModelConfig):
-    """One layer. x [B, T, D]; kv holds every layer's cache, of which this writes and reads `layer`.
-
-    The new K/V rows are scattered into the whole-model cache at [layer, row, position], so under a
-    donated jit the cache is updated in place instead of rebuilt every step.
-    """
-    b, t, _ = x.shape
+def decoder_layer(p: dict, x, kv: KVCache, layer, positions, rope, meta: AttentionMetadata, cfg: ModelConfig):
+    """One layer over a flat token batch. x [T, D]; kv holds every layer's pages; `layer` picks ours."""
+    t = x.shape[0]
     h = L.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
     q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
     if cfg.qkv_bias:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
-    q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
-    k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    q = q.reshape(t, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
         q = L.rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
         k = L.rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
     cos, sin = rope
     q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
-    rows = jnp.arange(b)[:, None]  # [B, 1]; positions past the cache are dropped, not clamped
-    kv = KVCache(kv.k.at[layer, rows, positions].set(k.astype(kv.k.dtype), mode="drop"),
-                 kv.v.at[layer, rows, positions].set(v.astype(kv.v.dtype), mode="drop"))
-    attn = L.attend(q, kv.k[layer], kv.v[layer], positions, cfg).astype(x.dtype) @ p["wo"]
+    kv = KVCache(*write_kv(kv.k, kv.v, layer, k, v, meta.slot_mapping))
+    attn = ragged_paged_attention(
+        q, kv.k, kv.v, layer, meta.kv_lens, meta.page_tables, meta.cu_q_lens, meta.num_seqs,
+        sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
+    attn = attn.reshape(t, cfg.num_heads * cfg.head_dim) @ p["wo"]
     if cfg.o_bias:
         attn = attn + p["bo"]
     x = x + attn
@@ -139,13 +147,13 @@ class DecoderStack(nnx.Module):
         self.cfg = cfg
         _make_params(self, layer_param_specs(cfg), rngs, dtype)
 
-    def __call__(self, x, kv: KVCache, positions, rope):
+    def __call__(self, x, kv: KVCache, positions, rope, meta: AttentionMetadata):
         stacked = {name: getattr(self, name)[...] for name in layer_param_specs(self.cfg)}
 
         def body(carry, xs):
             x, kv = carry
             p, layer = xs
-            return decoder_layer(p, x, kv, layer, positions, rope, self.cfg), None
+            return decoder_layer(p, x, kv, layer, positions, rope, meta, self.cfg), None
 
         layers = jnp.arange(self.cfg.num_layers)
         (x, kv), _ = jax.lax.scan(body, (x, kv), (stacked, layers))
@@ -158,11 +166,11 @@ class Transformer(nnx.Module):
         _make_params(self, top_param_specs(cfg), rngs, dtype)
         self.layers = DecoderStack(cfg, rngs, dtype)
 
-    def __call__(self, tokens, positions, kv: KVCache):
-        """tokens, positions [B, T] int32 -> hidden states [B, T, D] (final norm applied), new cache."""
+    def __call__(self, tokens, positions, kv: KVCache, meta: AttentionMetadata):
+        """tokens, positions [T] int32 -> hidden states [T, D] (final norm applied), new cache."""
         x = self.embed[...][tokens]
-        rope = L.rope_cos_sin(positions, L.rope_inv_freq(self.cfg))  # a compile-time constant
-        x, kv = self.layers(x, kv, positions, rope)
+        rope = L.rope_cos_sin(positions, L.rope_inv_freq(self.cfg))  # inv_freq: a compile-time constant
+        x, kv = self.layers(x, kv, positions, rope, meta)
         return L.rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps), kv
 
     def logits(self, hidden):

@@ -1,0 +1,160 @@
+"""Engine: the narrow interface serving code depends on. add_request / abort / step.
+
+    plan = scheduler.schedule(); sampled = runner.execute(plan); scheduler.update(plan, sampled)
+
+Host bookkeeping (scheduler, block manager, requests, detokenizers) never touches jax; the runner
+is the one bridge to the device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+
+import jax.numpy as jnp
+
+from jaxserve.checkpoint import LoadedModel
+from jaxserve.engine.block_manager import BlockManager
+from jaxserve.engine.detokenizer import IncrementalDetokenizer
+from jaxserve.engine.request import Request, RequestStatus
+from jaxserve.engine.runner import ModelRunner, SampledToken
+from jaxserve.engine.scheduler import Scheduler
+from jaxserve.errors import InvalidRequestError
+from jaxserve.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+DEFAULT_KV_CACHE_MEMORY = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    page_size: int = 16
+    num_pages: int | None = None          # wins over kv_cache_memory when set
+    kv_cache_memory: int | None = None    # bytes for KV pages; default 1 GiB
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512     # token budget per step (prefill chunks + decodes)
+    max_model_len: int | None = None      # default: the model's context length
+    enable_prefix_caching: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestDelta:
+    """What one step added to one request."""
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    text: str                          # text completed by the new tokens (stop strings excluded)
+    finished: bool
+    finish_reason: str | None          # "stop" | "length" | "abort"
+    usage: Usage
+    logprobs: tuple[SampledToken, ...] | None = None
+
+
+def kv_bytes_per_page(model: LoadedModel, page_size: int) -> int:
+    cfg = model.config
+    return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(model.dtype).itemsize
+
+
+class Engine:
+    def __init__(self, model: LoadedModel, config: EngineConfig = EngineConfig()):
+        self.model, self.config, self.tokenizer = model, config, model.tokenizer
+        self.max_model_len = config.max_model_len or model.config.max_position_embeddings
+        memory = config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
+        num_pages = config.num_pages or max(2, memory // kv_bytes_per_page(model, config.page_size))
+        self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        log.info("KV cache: page size %d, %d pages (%.1f MiB), at most %d cached tokens",
+                    config.page_size, num_pages, num_pages * kv_bytes_per_page(model, config.page_size) / 2**20,
+                    self.max_cached_tokens)
+        self.runner = ModelRunner(model, num_pages, config.page_size, config.max_num_seqs,
+                                  config.max_num_batched_tokens, self.max_model_len)
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else ())
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._aborted: list[Request] = []
+        self._ids = itertools.count()
+
+    @property
+    def max_cached_tokens(self) -> int:
+        return self.block_manager.num_usable_pages * self.block_manager.page_size
+
+    @property
+    def compile_count(self) -> int:
+        return self.runner.compile_count
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished or bool(self._aborted)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, priority: int = 0) -> str:
+        """Validates and queues one request; raises InvalidRequestError (naming the field) if bad."""
+        params = params or SamplingParams()
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
+        ids = self._prompt_ids(prompt)
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(f"prompt has {len(ids)} tokens, more than the model context of "
+                                      f"{self.max_model_len} minus one token to generate")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model context "
+                f"of {self.max_model_len} tokens")
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        request = Request(request_id, ids, params, self.eos_token_ids, priority=priority)
+        self.scheduler.add_request(request)  # checks KV capacity and duplicate ids
+        self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
+        return request_id
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            if self.tokenizer is None:
+                raise InvalidRequestError("prompt: this checkpoint has no tokenizer, so pass token ids")
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}), got {bad[0]!r}")
+        return ids
+
+    def abort(self, request_id: str) -> bool:
+        request = self.scheduler.get_request(request_id)
+        if request is None or not self.scheduler.abort(request_id):
+            return False
+        self.runner.release([request_id])
+        self._aborted.append(request)
+        return True
+
+    def step(self) -> list[RequestDelta]:
+        deltas = [self._delta(r, (), "", None) for r in self._aborted]
+        self._aborted.clear()
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return deltas
+        sampled = self.runner.execute(plan)
+        events = self.scheduler.update(plan, {rid: s.token_id for rid, s in sampled.items()})
+        for request, token in events:
+            detok = self._detokenizers[request.request_id]
+            text = detok.add(token)
+            if detok.stopped and not request.is_finished:
+                self.scheduler.finish(request.request_id, RequestStatus.FINISHED_STOPPED)
+            deltas.append(self._delta(request, (token,), text, sampled[request.request_id]))
+        return deltas
+
+    def _delta(self, request: Request, tokens, text: str, sampled: SampledToken | None) -> RequestDelta:
+        if request.is_finished:
+            self.runner.release([request.request_id])
+            self._detokenizers.pop(request.request_id, None)
+        usage = Usage(request.num_prompt_tokens, len(request.output_token_ids), request.num_cached_tokens)
+        logprobs = (sampled,) if sampled is not None and request.params.logprobs is not None else None
+        return RequestDelta(request.request_id, tuple(tokens), text, request.is_finished,
+                            request.finish_reason, usage, logprobs)
