@@ -1,9 +1,12 @@
 """Ragged paged attention: one flat batch of query tokens from many sequences over a paged KV cache.
 
 This is the XLA implementation: the CPU production path and the reference the Pallas kernels are
-tested against. It streams each sequence's pages in blocks of `pages_per_block` pages with an online
-softmax, and loops only as far as the longest sequence in the batch, so it reads the pages sequences
-use rather than the whole cache.
+tested against. It reads only the pages sequences use, in blocks of `pages_per_block` pages, with
+an online softmax, and splits the work two ways because their shapes differ:
+  * single-token queries (decodes): blocks of tokens, each token reading its own sequence's pages;
+  * multi-token queries (prefill chunks): tiles of `q_tile` tokens of one sequence, so a tile reads
+    each KV block once and attends with real matrix products.
+Both loops run only as far as the batch needs (dynamic trip counts), so shapes stay static.
 
 Shapes:
     q            [tokens, heads, head_dim]
@@ -18,14 +21,126 @@ kv_lens[s] - q_len[s] + i, and sees keys at positions <= its own.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
+DECODE_BLOCK = 32  # single-token queries handled together
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    sm_scale: float
+    sliding_window: int | None
+    soft_cap: float | None
+    pages_per_block: int
+    page_size: int
+
+    @property
+    def block(self) -> int:
+        return self.pages_per_block * self.page_size
+
+
+def _visible(spec: _Spec, q_pos, key_pos):
+    """[Tq, Tk] causal (and sliding-window) visibility; q_pos [Tq] is -1 for padding rows."""
+    visible = key_pos[None, :] <= q_pos[:, None]
+    if spec.sliding_window is not None:
+        visible &= key_pos[None, :] > q_pos[:, None] - spec.sliding_window
+    return visible
+
+
+def _cap(spec: _Spec, s):
+    return s if spec.soft_cap is None else spec.soft_cap * jnp.tanh(s / spec.soft_cap)
+
+
+def _online_update(carry, s, v, pv_eq: str):
+    """One step of the streaming softmax: carry (max, normalizer, acc), scores s [..., Tk]."""
+    m, l, acc = carry
+    m_new = jnp.maximum(m, s.max(-1))
+    safe_m = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp(s - safe_m[..., None])
+    correction = jnp.exp(jnp.where(jnp.isfinite(m), m - safe_m, -jnp.inf))
+    return m_new, l * correction + p.sum(-1), acc * correction[..., None] + jnp.einsum(pv_eq, p, v)
+
+
+def _finish(l, acc):
+    return acc / jnp.where(l > 0, l, 1.0)[..., None]  # rows that see nothing (padding) give zeros
+
+
+def _kv_block(k_cache, v_cache, layer, pages, spec: _Spec):
+    """pages [..., pages_per_block] -> k, v [..., block, kv_heads, head_dim] in float32."""
+    shape = pages.shape[:-1] + (spec.block,) + k_cache.shape[3:]
+    return (k_cache[layer, pages].reshape(shape).astype(jnp.float32),
+            v_cache[layer, pages].reshape(shape).astype(jnp.float32))
+
+
+def _decode_part(qg, k_cache, v_cache, layer, tables, position, token_ids, count, spec: _Spec):
+    """Single-token queries: token_ids [T] lists them first (count of them), padded with T."""
+    tokens, kvh, g, hd = qg.shape
+    out = jnp.zeros((tokens + 1, kvh, g, hd), jnp.float32)  # row `tokens` absorbs padding writes
+
+    def token_block(b, out):
+        idx = jax.lax.dynamic_slice_in_dim(token_ids, b * DECODE_BLOCK, DECODE_BLOCK)  # [TB]
+        ok = idx < tokens
+        safe = jnp.where(ok, idx, 0)
+        q, pos, tab = qg[safe], jnp.where(ok, position[safe], -1), tables[safe]
+
+        def kv_step(j, carry):
+            pages = jax.lax.dynamic_slice_in_dim(tab, j * spec.pages_per_block, spec.pages_per_block, axis=1)
+            k, v = _kv_block(k_cache, v_cache, layer, pages, spec)  # [TB, block, kvh, hd]
+            s = _cap(spec, jnp.einsum("tkgd,tskd->tkgs", q, k))  # [TB, kvh, g, block]
+            visible = _visible(spec, pos, j * spec.block + jnp.arange(spec.block))
+            s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
+            return _online_update(carry, s, v, "tkgs,tskd->tkgd")
+
+        init = (jnp.full((DECODE_BLOCK, kvh, g), -jnp.inf), jnp.zeros((DECODE_BLOCK, kvh, g)),
+                jnp.zeros((DECODE_BLOCK, kvh, g, hd)))
+        _, l, acc = jax.lax.fori_loop(0, (pos.max() + spec.block) // spec.block, kv_step, init)
+        return out.at[jnp.where(ok, idx, tokens)].set(_finish(l, acc))
+
+    return jax.lax.fori_loop(0, (count + DECODE_BLOCK - 1) // DECODE_BLOCK, token_block, out)[:tokens]
+
+
+def _prefill_part(qg, k_cache, v_cache, layer, page_tables, cu_q_lens, kv_lens, seqs, num, out, q_tile, spec):
+    """Multi-token queries: `seqs` [S] lists their sequences first (`num` of them)."""
+    tokens, kvh, g, hd = qg.shape
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    tiles = jnp.where(jnp.arange(seqs.shape[0]) < num, (q_lens[seqs] + q_tile - 1) // q_tile, 0)
+    ends = jnp.cumsum(tiles)
+    q_pad = jnp.pad(qg, ((0, q_tile), (0, 0), (0, 0), (0, 0)))
+    out = jnp.pad(out, ((0, q_tile), (0, 0), (0, 0), (0, 0)))
+
+    def tile(i, out):
+        item = jnp.searchsorted(ends, i, side="right")
+        s = seqs[item]
+        row0 = cu_q_lens[s] + (i - (ends[item] - tiles[item])) * q_tile
+        rows = row0 + jnp.arange(q_tile)
+        valid = rows < cu_q_lens[s + 1]
+        pos = jnp.where(valid, kv_lens[s] - q_lens[s] + rows - cu_q_lens[s], -1)  # [TQ]
+        q = jax.lax.dynamic_slice_in_dim(q_pad, row0, q_tile)  # [TQ, kvh, g, hd]
+        table = page_tables[s]
+
+        def kv_step(j, carry):
+            pages = jax.lax.dynamic_slice_in_dim(table, j * spec.pages_per_block, spec.pages_per_block)
+            k, v = _kv_block(k_cache, v_cache, layer, pages, spec)  # [block, kvh, hd]
+            s_ = _cap(spec, jnp.einsum("qkgd,skd->kgqs", q, k))  # [kvh, g, TQ, block]
+            s_ = jnp.where(_visible(spec, pos, j * spec.block + jnp.arange(spec.block)), s_, -jnp.inf)
+            return _online_update(carry, s_, v, "kgqs,skd->kgqd")
+
+        init = (jnp.full((kvh, g, q_tile), -jnp.inf), jnp.zeros((kvh, g, q_tile)), jnp.zeros((kvh, g, q_tile, hd)))
+        _, l, acc = jax.lax.fori_loop(0, (pos.max() + spec.block) // spec.block, kv_step, init)
+        result = _finish(l, acc).transpose(2, 0, 1, 3)  # [TQ, kvh, g, hd]
+        old = jax.lax.dynamic_slice_in_dim(out, row0, q_tile)
+        return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(valid[:, None, None, None], result, old), row0, 0)
+
+    return jax.lax.fori_loop(0, ends[-1], tile, out)[:tokens]
+
 
 def token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens: int):
-    """Per query token: its sequence index (num_seqs-padded tokens get -1) and its position."""
+    """Per query token: its sequence index (padding tokens get -1) and its position (-1 for padding)."""
     token = jnp.arange(num_tokens)
-    seq = jnp.searchsorted(cu_q_lens, token, side="right") - 1  # [tokens]
+    seq = jnp.searchsorted(cu_q_lens, token, side="right") - 1
     valid = (seq < num_seqs) & (token < cu_q_lens[num_seqs])
     seq = jnp.where(valid, seq, 0)
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
@@ -35,46 +150,27 @@ def token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens: int):
 
 def ragged_paged_attention(q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num_seqs, *,
                            sm_scale: float, sliding_window: int | None = None,
-                           soft_cap: float | None = None, pages_per_block: int = 8):
+                           soft_cap: float | None = None, pages_per_block: int = 8, q_tile: int = 32):
     tokens, heads, head_dim = q.shape
-    page_size, kv_heads = k_cache.shape[2], k_cache.shape[3]
-    group = heads // kv_heads
-    block = pages_per_block * page_size
-    seq, position = token_layout(kv_lens, cu_q_lens, num_seqs, tokens)
-    # Each token reads its own sequence's page table; pad the table to whole blocks with the null page.
+    kv_heads = k_cache.shape[3]
+    spec = _Spec(sm_scale, sliding_window, soft_cap, pages_per_block, k_cache.shape[2])
+    qg = (q.astype(jnp.float32) * sm_scale).reshape(tokens, kv_heads, heads // kv_heads, head_dim)
+    # Pad page tables to whole blocks (with the null page) so block slices never clamp.
     max_pages = page_tables.shape[1]
-    padded_pages = -(-max_pages // pages_per_block) * pages_per_block
-    tables = jnp.pad(page_tables, ((0, 0), (0, padded_pages - max_pages)))[jnp.maximum(seq, 0)]
-    qg = (q.astype(jnp.float32) * sm_scale).reshape(tokens, kv_heads, group, head_dim)
-    longest = jnp.max(jnp.where(jnp.arange(kv_lens.shape[0]) < num_seqs, kv_lens, 0))
-    num_blocks = (longest + block - 1) // block
+    padded = -(-max_pages // pages_per_block) * pages_per_block + pages_per_block
+    page_tables = jnp.pad(page_tables, ((0, 0), (0, padded - max_pages)))
 
-    def attend_block(j, carry):
-        m, l, acc = carry  # running max [T, kvh, g], normalizer [T, kvh, g], output [T, kvh, g, hd]
-        pages = jax.lax.dynamic_slice_in_dim(tables, j * pages_per_block, pages_per_block, axis=1)
-        k = k_cache[layer, pages].reshape(tokens, block, kv_heads, head_dim).astype(jnp.float32)
-        v = v_cache[layer, pages].reshape(tokens, block, kv_heads, head_dim).astype(jnp.float32)
-        s = jnp.einsum("tkgd,tskd->tkgs", qg, k)
-        if soft_cap is not None:
-            s = soft_cap * jnp.tanh(s / soft_cap)
-        key_pos = j * block + jnp.arange(block)
-        visible = key_pos[None, :] <= position[:, None]  # [T, block]; also excludes padding (-1)
-        if sliding_window is not None:
-            visible &= key_pos[None, :] > position[:, None] - sliding_window
-        s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
-        m_new = jnp.maximum(m, s.max(-1))
-        safe_m = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.exp(s - safe_m[..., None])
-        correction = jnp.exp(jnp.where(jnp.isfinite(m), m - safe_m, -jnp.inf))
-        l = l * correction + p.sum(-1)
-        acc = acc * correction[..., None] + jnp.einsum("tkgs,tskd->tkgd", p, v)
-        return m_new, l, acc
-
-    init = (jnp.full((tokens, kv_heads, group), -jnp.inf, jnp.float32),
-            jnp.zeros((tokens, kv_heads, group), jnp.float32),
-            jnp.zeros((tokens, kv_heads, group, head_dim), jnp.float32))
-    _, l, acc = jax.lax.fori_loop(0, num_blocks, attend_block, init)
-    out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # padding tokens attend to nothing: zeros
+    seq, position = token_layout(kv_lens, cu_q_lens, num_seqs, tokens)
+    in_use = jnp.arange(kv_lens.shape[0]) < num_seqs
+    single = in_use & (cu_q_lens[1:] - cu_q_lens[:-1] == 1)
+    decode_token = (seq >= 0) & single[jnp.maximum(seq, 0)]
+    token_ids = jnp.nonzero(decode_token, size=tokens + DECODE_BLOCK, fill_value=tokens)[0]  # block slices never clamp
+    out = _decode_part(qg, k_cache, v_cache, layer, page_tables[jnp.maximum(seq, 0)], position,
+                       token_ids, decode_token.sum(), spec)
+    multi = in_use & ~single
+    seqs = jnp.nonzero(multi, size=multi.shape[0], fill_value=0)[0]
+    out = _prefill_part(qg, k_cache, v_cache, layer, page_tables, cu_q_lens, kv_lens, seqs, multi.sum(),
+                        out, q_tile, spec)
     return out.reshape(tokens, heads, head_dim).astype(q.dtype)
 
 

@@ -1,0 +1,168 @@
+"""Offline throughput of the paged engine, against HF transformers and the matmul-only ceiling.
+
+    python benchmarks/throughput.py --model smollm2-135m --num-requests 64 --input-len 128 \
+        --output-len 128 --json out.json
+
+Random prompt ids, EOS ignored, all requests queued at once (as `vllm bench throughput`). In the
+same run: HF transformers' batched `generate` on the same prompts (float32, PyTorch CPU), and the
+model's weight matmuls alone for the same schedule of batches (the compute ceiling of the machine),
+plus time-to-first-token of a request sharing a long prefix with an earlier one (prefix caching).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+
+
+def run_engine(engine, prompts, output_len: int) -> dict:
+    from jaxserve import SamplingParams
+
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    ids = [engine.add_request(p, params) for p in prompts]
+    first, last, steps, prefill_steps = {}, {}, 0, 0
+    while engine.has_unfinished():
+        deltas = engine.step()
+        now = time.perf_counter()
+        steps += 1
+        for d in deltas:
+            first.setdefault(d.request_id, now)
+            last[d.request_id] = now
+        prefill_steps += len(first) < len(ids)
+    elapsed = time.perf_counter() - start
+    ttft = np.array([first[i] - start for i in ids]) * 1e3
+    tpot = np.array([(last[i] - first[i]) / max(output_len - 1, 1) for i in ids]) * 1e3
+    n_in, n_out = sum(map(len, prompts)), len(prompts) * output_len
+    return {"elapsed_s": elapsed, "steps": steps, "output_throughput": n_out / elapsed,
+            "total_token_throughput": (n_in + n_out) / elapsed,
+            "mean_ttft_ms": ttft.mean(), "p99_ttft_ms": np.percentile(ttft, 99),
+            "mean_tpot_ms": tpot.mean(), "p99_tpot_ms": np.percentile(tpot, 99)}
+
+
+def matmul_only_seconds(model, num_requests: int, input_len: int, output_len: int, budget: int,
+                        max_num_seqs: int) -> float:
+    """Time of the model's weight matmuls alone for the engine's schedule: prefill in chunks of the
+    token budget, then one decode batch per output token. Same params, dtype and layer scan."""
+    import jax
+    import jax.numpy as jnp
+
+    params = model.params
+    layers = {k: params["layers"][k][...] for k in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")}
+    embed = params["embed"][...]
+
+    @jax.jit
+    def matmuls(x, layers, embed):
+        def body(h, p):
+            o = (h @ p["wq"]) @ p["wo"] + (h @ p["wk"]).sum() + (h @ p["wv"]).sum()
+            return h + o + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"], None
+        h, _ = jax.lax.scan(body, x, layers)
+        return h[:max_num_seqs] @ embed.T
+
+    def time_batch(tokens: int) -> float:
+        x = jnp.ones((tokens, embed.shape[1]), embed.dtype)
+        matmuls(x, layers, embed).block_until_ready()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            matmuls(x, layers, embed).block_until_ready()
+        return (time.perf_counter() - t0) / 5
+
+    total_prefill = num_requests * input_len
+    decode_batches = output_len * -(-num_requests // max_num_seqs)
+    return (total_prefill // budget) * time_batch(budget) + time_batch(min(num_requests, max_num_seqs)) * decode_batches
+
+
+def run_transformers(gguf_path, prompts, output_len: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+    ids = torch.tensor(prompts)  # equal lengths: no padding
+    with torch.no_grad():
+        model.generate(ids[:2, :8], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False, pad_token_id=0)
+        elapsed = time.perf_counter() - t0
+    n_in, n_out = ids.numel(), len(prompts) * output_len
+    return {"elapsed_s": elapsed, "output_throughput": n_out / elapsed, "total_token_throughput": (n_in + n_out) / elapsed}
+
+
+def prefix_cache_ttft(engine, prefix_len: int, rng) -> dict:
+    """TTFT of a cold request with a long prefix, then of another sharing that prefix."""
+    from jaxserve import SamplingParams
+
+    prefix = rng.integers(100, 49000, prefix_len).tolist()
+    times = []
+    for suffix in ([11, 12, 13], [21, 22, 23]):
+        t0 = time.perf_counter()
+        rid = engine.add_request(prefix + suffix, SamplingParams(max_tokens=1, temperature=0))
+        cached = 0
+        while engine.has_unfinished():
+            for d in engine.step():
+                cached = d.usage.cached_prompt_tokens if d.request_id == rid else cached
+        times.append((time.perf_counter() - t0, cached))
+    (cold, _), (warm, cached) = times
+    return {"prefix_len": prefix_len, "cold_ttft_ms": cold * 1e3, "cached_ttft_ms": warm * 1e3,
+            "speedup": cold / warm, "cached_prompt_tokens": cached}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--prefix-len", type=int, default=1000)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from jaxserve.checkpoint import load_model
+    from jaxserve.checkpoint.registry import fetch_gguf
+    from jaxserve.engine.engine import Engine, EngineConfig
+
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(100, 49000, (args.num_requests, args.input_len)).tolist()
+    model = load_model(args.model, progress=False)
+    t0 = time.perf_counter()
+    engine = Engine(model, EngineConfig(max_num_seqs=args.max_num_seqs,
+                                        max_num_batched_tokens=args.max_num_batched_tokens))
+    compile_s = time.perf_counter() - t0
+    run_engine(engine, prompts[:4], 4)  # touch every path once
+    ours = run_engine(engine, prompts, args.output_len)
+    ceiling_s = matmul_only_seconds(model, args.num_requests, args.input_len, args.output_len,
+                                    args.max_num_batched_tokens, args.max_num_seqs)
+    ceiling = {"elapsed_s": ceiling_s, "output_throughput": args.num_requests * args.output_len / ceiling_s}
+    prefix = prefix_cache_ttft(engine, args.prefix_len, rng)
+    hf = None if args.skip_hf else run_transformers(fetch_gguf(args.model), prompts, args.output_len)
+
+    print(f"workload: {args.num_requests} requests x {args.input_len} in / {args.output_len} out, "
+          f"EOS ignored; compile {compile_s:.1f}s")
+    print(f"{'system':<26}{'seconds':>9}{'out tok/s':>11}{'total tok/s':>13}")
+    rows = [("jaxserve engine", ours), ("matmul-only ceiling", ceiling)] + ([("HF transformers", hf)] if hf else [])
+    for name, r in rows:
+        print(f"{name:<26}{r['elapsed_s']:>9.2f}{r['output_throughput']:>11.1f}"
+              f"{r.get('total_token_throughput', float('nan')):>13.1f}")
+    print(f"TTFT mean {ours['mean_ttft_ms']:.0f} ms, p99 {ours['p99_ttft_ms']:.0f} ms; "
+          f"TPOT mean {ours['mean_tpot_ms']:.1f} ms, p99 {ours['p99_tpot_ms']:.1f} ms")
+    ratios = {"vs_matmul_ceiling": ours["output_throughput"] / ceiling["output_throughput"]}
+    if hf:
+        ratios["vs_hf_transformers"] = ours["output_throughput"] / hf["output_throughput"]
+    print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    print(f"prefix cache: {prefix['prefix_len']}-token shared prefix, TTFT cold {prefix['cold_ttft_ms']:.0f} ms, "
+          f"cached {prefix['cached_ttft_ms']:.0f} ms ({prefix['speedup']:.1f}x, "
+          f"{prefix['cached_prompt_tokens']} prompt tokens from cache)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"),
+                       "compile_s": compile_s, "engine": ours, "matmul_ceiling": ceiling, "hf": hf,
+                       "ratios": ratios, "prefix_cache": prefix}, f, indent=2, default=float)
+
+
+if __name__ == "__main__":
+    main()
