@@ -35,6 +35,16 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return self._apply_stop(delta)
 
+    def flush(self) -> str:
+        """At finish: the text still held back (a cut-off character), so the deltas add up to
+        decode(all output ids)."""
+        if self.tokenizer is None or self.stopped or self.read_offset == len(self.ids):
+            return ""
+        before = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        after = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return self._apply_stop(after[len(before):]) if len(after) > len(before) else ""
+
     def _apply_stop(self, delta: str) -> str:
         """Cuts the text at the first stop string (excluded); delta is trimmed to match."""
         if not self.stop:

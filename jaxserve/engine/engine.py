@@ -147,6 +147,8 @@ class Engine:
             text = detok.add(token)
             if detok.stopped and not request.is_finished:
                 self.scheduler.finish(request.request_id, RequestStatus.FINISHED_STOPPED)
+            if request.is_finished and not detok.stopped:
+                text += detok.flush()
             deltas.append(self._delta(request, (token,), text, sampled[request.request_id]))
         return deltas
 
