@@ -57,13 +57,15 @@ def matmul_only_seconds(model, num_requests: int, input_len: int, output_len: in
     @jax.jit
     def matmuls(x, layers, embed):
         def body(h, p):
-            o = (h @ p["wq"]) @ p["wo"] + (h @ p["wk"]).sum() + (h @ p["wv"]).sum()
-            return h + o + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"], None
+            kv = h @ p["wk"] + h @ p["wv"]  # padded into the residual: reducing it would fuse the dots away
+            o = (h @ p["wq"]) @ p["wo"] + jnp.pad(kv, ((0, 0), (0, h.shape[1] - kv.shape[1])))
+            # tanh keeps activations finite: inf/NaN arithmetic would make the "ceiling" slow
+            return jnp.tanh(h + o + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]), None
         h, _ = jax.lax.scan(body, x, layers)
         return h[:max_num_seqs] @ embed.T
 
     def time_batch(tokens: int) -> float:
-        x = jnp.ones((tokens, embed.shape[1]), embed.dtype)
+        x = 0.1 * jax.random.normal(jax.random.key(0), (tokens, embed.shape[1]), embed.dtype)
         matmuls(x, layers, embed).block_until_ready()
         t0 = time.perf_counter()
         for _ in range(5):

@@ -15,7 +15,7 @@ from flax import nnx
 
 from jaxserve.config import ModelConfig
 from jaxserve.models import layers as L
-from jaxserve.ops.attention import ragged_paged_attention, write_kv
+from jaxserve.ops.attention import AttentionPlan, attend, plan_attention, write_kv
 
 
 class KVCache(NamedTuple):
@@ -113,7 +113,8 @@ def ffn(p: dict, x, cfg: ModelConfig):
     return L.swiglu(x, p["w_gate"], p["w_up"], p["w_down"])
 
 
-def decoder_layer(p: dict, x, kv: KVCache, layer, positions, rope, meta: AttentionMetadata, cfg: ModelConfig):
+def decoder_layer(p: dict, x, kv: KVCache, layer, rope, meta: AttentionMetadata, plan: AttentionPlan,
+                  cfg: ModelConfig):
     """One layer over a flat token batch. x [T, D]; kv holds every layer's pages; `layer` picks ours."""
     t = x.shape[0]
     h = L.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
@@ -129,9 +130,7 @@ def decoder_layer(p: dict, x, kv: KVCache, layer, positions, rope, meta: Attenti
     cos, sin = rope
     q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
     kv = KVCache(*write_kv(kv.k, kv.v, layer, k, v, meta.slot_mapping))
-    attn = ragged_paged_attention(
-        q, kv.k, kv.v, layer, meta.kv_lens, meta.page_tables, meta.cu_q_lens, meta.num_seqs,
-        sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
+    attn = attend(q, kv.k, kv.v, layer, plan, sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
     attn = attn.reshape(t, cfg.num_heads * cfg.head_dim) @ p["wo"]
     if cfg.o_bias:
         attn = attn + p["bo"]
@@ -147,13 +146,14 @@ class DecoderStack(nnx.Module):
         self.cfg = cfg
         _make_params(self, layer_param_specs(cfg), rngs, dtype)
 
-    def __call__(self, x, kv: KVCache, positions, rope, meta: AttentionMetadata):
+    def __call__(self, x, kv: KVCache, rope, meta: AttentionMetadata):
         stacked = {name: getattr(self, name)[...] for name in layer_param_specs(self.cfg)}
+        plan = plan_attention(meta.kv_lens, meta.page_tables, meta.cu_q_lens, meta.num_seqs, x.shape[0])
 
         def body(carry, xs):
             x, kv = carry
             p, layer = xs
-            return decoder_layer(p, x, kv, layer, positions, rope, meta, self.cfg), None
+            return decoder_layer(p, x, kv, layer, rope, meta, plan, self.cfg), None
 
         layers = jnp.arange(self.cfg.num_layers)
         (x, kv), _ = jax.lax.scan(body, (x, kv), (stacked, layers))
@@ -170,7 +170,7 @@ class Transformer(nnx.Module):
         """tokens, positions [T] int32 -> hidden states [T, D] (final norm applied), new cache."""
         x = self.embed[...][tokens]
         rope = L.rope_cos_sin(positions, L.rope_inv_freq(self.cfg))  # inv_freq: a compile-time constant
-        x, kv = self.layers(x, kv, positions, rope, meta)
+        x, kv = self.layers(x, kv, rope, meta)
         return L.rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps), kv
 
     def logits(self, hidden):

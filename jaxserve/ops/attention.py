@@ -22,11 +22,13 @@ kv_lens[s] - q_len[s] + i, and sees keys at positions <= its own.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 DECODE_BLOCK = 32  # single-token queries handled together
+DECODE_PAGES_PER_BLOCK = 4  # decodes gather per token: short blocks waste fewer slots past kv_len
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +71,14 @@ def _finish(l, acc):
 
 
 def _kv_block(k_cache, v_cache, layer, pages, spec: _Spec):
-    """pages [..., pages_per_block] -> k, v [..., block, kv_heads, head_dim] in float32."""
+    """pages [..., pages_per_block] -> k, v [..., block, kv_heads, head_dim] in float32.
+    Pages are gathered as whole rows of a [layers * pages, page_bytes] view: a plain row gather is
+    about twice as fast on CPU as indexing the 5-D cache."""
+    layers, num_pages = k_cache.shape[:2]
+    rows = layer * num_pages + pages
     shape = pages.shape[:-1] + (spec.block,) + k_cache.shape[3:]
-    return (k_cache[layer, pages].reshape(shape).astype(jnp.float32),
-            v_cache[layer, pages].reshape(shape).astype(jnp.float32))
+    flat = lambda c: c.reshape(layers * num_pages, -1)[rows].reshape(shape).astype(jnp.float32)  # noqa: E731
+    return flat(k_cache), flat(v_cache)
 
 
 def _decode_part(qg, k_cache, v_cache, layer, tables, position, token_ids, count, spec: _Spec):
@@ -148,30 +154,57 @@ def token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens: int):
     return jnp.where(valid, seq, -1), jnp.where(valid, position, -1)
 
 
-def ragged_paged_attention(q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num_seqs, *,
-                           sm_scale: float, sliding_window: int | None = None,
-                           soft_cap: float | None = None, pages_per_block: int = 8, q_tile: int = 32):
+class AttentionPlan(NamedTuple):
+    """Who attends to what this step. It depends only on the batch layout, so the model builds it
+    once per step and every layer reuses it."""
+    kv_lens: jax.Array       # [seqs]
+    cu_q_lens: jax.Array     # [seqs + 1]
+    page_tables: jax.Array   # [seqs, padded pages]  padded with the null page to whole blocks
+    token_tables: jax.Array  # [tokens, padded pages] each token's sequence's table
+    position: jax.Array      # [tokens] -1 for padding
+    decode_ids: jax.Array    # [tokens + DECODE_BLOCK] single-token queries first, padded with `tokens`
+    num_decode: jax.Array    # []
+    prefill_seqs: jax.Array  # [seqs] sequences with multi-token queries first
+    num_prefill: jax.Array   # []
+
+
+def plan_attention(kv_lens, page_tables, cu_q_lens, num_seqs, num_tokens: int, pages_per_block: int = 8):
+    max_pages = page_tables.shape[1]
+    padded = -(-max_pages // pages_per_block) * pages_per_block + pages_per_block  # slices never clamp
+    page_tables = jnp.pad(page_tables, ((0, 0), (0, padded - max_pages)))
+    seq, position = token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens)
+    in_use = jnp.arange(kv_lens.shape[0]) < num_seqs
+    single = in_use & (cu_q_lens[1:] - cu_q_lens[:-1] == 1)
+    decode_token = (seq >= 0) & single[jnp.maximum(seq, 0)]
+    multi = in_use & ~single
+    return AttentionPlan(
+        kv_lens, cu_q_lens, page_tables, page_tables[jnp.maximum(seq, 0)], position,
+        jnp.nonzero(decode_token, size=num_tokens + DECODE_BLOCK, fill_value=num_tokens)[0], decode_token.sum(),
+        jnp.nonzero(multi, size=multi.shape[0], fill_value=0)[0], multi.sum())
+
+
+def attend(q, k_cache, v_cache, layer, plan: AttentionPlan, *, sm_scale: float, sliding_window: int | None = None,
+           soft_cap: float | None = None, pages_per_block: int = 8, q_tile: int = 32):
+    """Attention of q [tokens, heads, head_dim] for one layer, given this step's plan."""
     tokens, heads, head_dim = q.shape
     kv_heads = k_cache.shape[3]
     spec = _Spec(sm_scale, sliding_window, soft_cap, pages_per_block, k_cache.shape[2])
     qg = (q.astype(jnp.float32) * sm_scale).reshape(tokens, kv_heads, heads // kv_heads, head_dim)
-    # Pad page tables to whole blocks (with the null page) so block slices never clamp.
-    max_pages = page_tables.shape[1]
-    padded = -(-max_pages // pages_per_block) * pages_per_block + pages_per_block
-    page_tables = jnp.pad(page_tables, ((0, 0), (0, padded - max_pages)))
-
-    seq, position = token_layout(kv_lens, cu_q_lens, num_seqs, tokens)
-    in_use = jnp.arange(kv_lens.shape[0]) < num_seqs
-    single = in_use & (cu_q_lens[1:] - cu_q_lens[:-1] == 1)
-    decode_token = (seq >= 0) & single[jnp.maximum(seq, 0)]
-    token_ids = jnp.nonzero(decode_token, size=tokens + DECODE_BLOCK, fill_value=tokens)[0]  # block slices never clamp
-    out = _decode_part(qg, k_cache, v_cache, layer, page_tables[jnp.maximum(seq, 0)], position,
-                       token_ids, decode_token.sum(), spec)
-    multi = in_use & ~single
-    seqs = jnp.nonzero(multi, size=multi.shape[0], fill_value=0)[0]
-    out = _prefill_part(qg, k_cache, v_cache, layer, page_tables, cu_q_lens, kv_lens, seqs, multi.sum(),
-                        out, q_tile, spec)
+    decode_spec = dataclasses.replace(spec, pages_per_block=min(pages_per_block, DECODE_PAGES_PER_BLOCK))
+    out = _decode_part(qg, k_cache, v_cache, layer, plan.token_tables, plan.position, plan.decode_ids,
+                       plan.num_decode, decode_spec)
+    out = _prefill_part(qg, k_cache, v_cache, layer, plan.page_tables, plan.cu_q_lens, plan.kv_lens,
+                        plan.prefill_seqs, plan.num_prefill, out, q_tile, spec)
     return out.reshape(tokens, heads, head_dim).astype(q.dtype)
+
+
+def ragged_paged_attention(q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num_seqs, *,
+                           sm_scale: float, sliding_window: int | None = None,
+                           soft_cap: float | None = None, pages_per_block: int = 8, q_tile: int = 32):
+    """The kernel contract (see the module docstring): plan and attend in one call."""
+    plan = plan_attention(kv_lens, page_tables, cu_q_lens, num_seqs, q.shape[0], pages_per_block)
+    return attend(q, k_cache, v_cache, layer, plan, sm_scale=sm_scale, sliding_window=sliding_window,
+                  soft_cap=soft_cap, pages_per_block=pages_per_block, q_tile=q_tile)
 
 
 def write_kv(k_cache, v_cache, layer, k, v, slot_mapping):
