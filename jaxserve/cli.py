@@ -41,11 +41,22 @@ def _add_convert(sub):
     p.set_defaults(run=_run_convert)
 
 
+def _enable_compilation_cache():
+    """Reuse compiled step functions across runs (start-up compiles every shape bucket)."""
+    import jax
+
+    from jaxserve.checkpoint.registry import cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR", str(cache_dir() / "xla")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def _run_generate(args):
     from jaxserve import LLM, SamplingParams  # jax is imported only once arguments are known good
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+    _enable_compilation_cache()
     llm = LLM(args.model, dtype=args.dtype)
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
