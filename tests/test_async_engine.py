@@ -12,16 +12,7 @@ from jaxserve.errors import InvalidRequestError
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n    ",
-    "Once upon a time, in a small village by the sea,",
-    "1, 2, 3, 5, 8, 13,",
-    "Translate to French: I like apples.",
-    "The three primary colors are",
-    "import numpy as np\nx = np.",
-    "Q: Why is the sky blue?\nA:",
-]
+from test_smollm2 import PROMPTS  # noqa: E402  (the same varied prompts as the parity test)
 
 
 def greedy(n):
