@@ -27,8 +27,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-DECODE_BLOCK = 32  # single-token queries handled together
-DECODE_PAGES_PER_BLOCK = 4  # decodes gather per token: short blocks waste fewer slots past kv_len
+DECODE_BLOCK = 16  # single-token queries handled together
+DECODE_PAGES_PER_BLOCK = 2  # decodes gather per token: short blocks waste fewer slots past kv_len
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +190,7 @@ def attend(q, k_cache, v_cache, layer, plan: AttentionPlan, *, sm_scale: float, 
     kv_heads = k_cache.shape[3]
     spec = _Spec(sm_scale, sliding_window, soft_cap, pages_per_block, k_cache.shape[2])
     qg = (q.astype(jnp.float32) * sm_scale).reshape(tokens, kv_heads, heads // kv_heads, head_dim)
-    decode_spec = dataclasses.replace(spec, pages_per_block=min(pages_per_block, DECODE_PAGES_PER_BLOCK))
+    decode_spec = dataclasses.replace(spec, pages_per_block=DECODE_PAGES_PER_BLOCK)
     out = _decode_part(qg, k_cache, v_cache, layer, plan.token_tables, plan.position, plan.decode_ids,
                        plan.num_decode, decode_spec)
     out = _prefill_part(qg, k_cache, v_cache, layer, plan.page_tables, plan.cu_q_lens, plan.kv_lens,
