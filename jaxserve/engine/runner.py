@@ -8,7 +8,6 @@ recompilation counter (`compile_count`), which tests assert stays flat after war
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from typing import NamedTuple
 

@@ -1,7 +1,6 @@
 """Pure model code. `forward` and `logits` are pure functions of (params, KV state, inputs)."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

@@ -48,7 +48,7 @@ class ParamSpec:
 
 def layer_param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
     """Every per-layer parameter, stacked over layers. The single description of the layer."""
-    n, d, f, hd = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    n, d, hd = cfg.num_layers, cfg.hidden_size, cfg.head_dim
     q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
     specs = {
         "attn_norm": ParamSpec((n, d), ("layers", "embed"), "ones"),
