@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence, Union
 
-from jaxserve.checkpoint import load_model
+from jaxserve.checkpoint import LoadedModel, load_model
 from jaxserve.checkpoint.registry import DEFAULT_MODEL
 from jaxserve.engine.engine import Engine, EngineConfig, Usage
 from jaxserve.errors import InvalidRequestError
@@ -23,6 +23,7 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" (EOS, stop string or stop token) or "length"
     usage: Usage | None = None
     logprobs: list | None = None      # one SampledToken per generated token, when asked for
+    prompt_logprobs: list | None = None  # SamplingParams(prompt_logprobs=True): per prompt token, first None
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:
@@ -37,8 +38,11 @@ class LLM:
     """Offline batch generation. Engine options (EngineConfig fields) may be passed as keywords,
     e.g. LLM("smollm2-135m", kv_cache_memory=2 << 30, max_num_seqs=32)."""
 
-    def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "auto", progress: bool = True, **engine_options):
-        self.engine = Engine(load_model(model, dtype=dtype, progress=progress), EngineConfig(**engine_options))
+    def __init__(self, model: str | LoadedModel = DEFAULT_MODEL, dtype: str = "auto", progress: bool = True,
+                 **engine_options):
+        """model: a known name, a checkpoint path, or an already loaded model (shared, not copied)."""
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, progress=progress)
+        self.engine = Engine(loaded, EngineConfig(**engine_options))
         self.tokenizer = self.engine.tokenizer
         self.config = self.engine.model.config
 
@@ -69,6 +73,8 @@ class LLM:
                 out.text += d.text
                 if d.logprobs:
                     out.logprobs = (out.logprobs or []) + list(d.logprobs)
+                if d.prompt_logprobs is not None:
+                    out.prompt_logprobs = list(d.prompt_logprobs)
                 if d.finished:
                     out.finish_reason, out.usage = d.finish_reason, d.usage
         return list(outputs.values())

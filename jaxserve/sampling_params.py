@@ -24,6 +24,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()           # stop strings, excluded from the returned text
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None          # top-n log-probabilities per generated token (0..MAX_LOGPROBS)
+    prompt_logprobs: bool = False        # the log-probability of every prompt token given those before it
 
     def __post_init__(self):
         # Accept a single stop string or lists from callers; store tuples so params stay hashable.
@@ -46,8 +47,9 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
         if self.seed is not None:
             _check_int("seed", self.seed, low=0, high=2**31 - 1)
-        if not isinstance(self.ignore_eos, bool):
-            raise InvalidRequestError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "prompt_logprobs"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequestError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError(f"stop must hold non-empty strings, got {s!r}")

@@ -159,11 +159,12 @@ def our_logits(loaded, ids, split: int | None = None, page_size: int = 16) -> np
     must give the same numbers."""
     import jax.numpy as jnp
 
-    from jaxserve.models import AttentionMetadata, KVCache, forward, logits
+    from jaxserve.models import AttentionMetadata, empty_kv_pages, forward, logits
+    from pallas_kernels.kv_quant import kv_format
 
     num_pages = -(-len(ids) // page_size)
     pages = np.arange(1, num_pages + 1, dtype=np.int32)  # page 0 is the null page
-    kv = KVCache.zeros(loaded.config, num_pages + 1, page_size, jnp.dtype(loaded.dtype))
+    kv = empty_kv_pages(loaded.config, kv_format("auto", loaded.dtype), num_pages + 1, page_size)
     chunks = [ids] if split is None else [ids[:split]] + [[t] for t in ids[split:]]
     out, start = [], 0
     for chunk in chunks:

@@ -81,7 +81,8 @@ class BlockManager:
         return len(self._cached_prefix_pages(request)) * self.page_size
 
     def _cached_prefix_pages(self, request: Request) -> list[int]:
-        if not self.enable_prefix_caching:
+        # Prompt log-probabilities need every prompt token computed, so such requests skip the cache.
+        if not self.enable_prefix_caching or request.params.prompt_logprobs:
             return []
         max_pages = (request.num_tokens - 1) // self.page_size
         hashes = self._full_page_hashes(request, max_pages)

@@ -11,16 +11,16 @@ import dataclasses
 import itertools
 import logging
 
-import jax.numpy as jnp
-
 from jaxserve.checkpoint import LoadedModel
 from jaxserve.engine.block_manager import BlockManager
 from jaxserve.engine.detokenizer import IncrementalDetokenizer
 from jaxserve.engine.request import Request, RequestStatus
-from jaxserve.engine.runner import ModelRunner, SampledToken
+from jaxserve.engine.runner import ModelRunner, RunnerOutput, SampledToken
 from jaxserve.engine.scheduler import Scheduler
 from jaxserve.errors import InvalidRequestError
+from jaxserve.ops.backends import resolve_attention_backend
 from jaxserve.sampling_params import SamplingParams
+from pallas_kernels.kv_quant import KVFormat, bytes_per_page, kv_format
 
 log = logging.getLogger(__name__)
 DEFAULT_KV_CACHE_MEMORY = 1 << 30
@@ -35,6 +35,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 512     # token budget per step (prefill chunks + decodes)
     max_model_len: int | None = None      # default: the model's context length
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"          # auto (the model dtype) | float32 | bfloat16 | fp8 | int8 | int4 | nvfp4
+    attention_backend: str = "auto"       # auto (the platform's kernel; XLA on CPU) | xla | pallas
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,29 +56,36 @@ class RequestDelta:
     finish_reason: str | None          # "stop" | "length" | "abort"
     usage: Usage
     logprobs: tuple[SampledToken, ...] | None = None
+    prompt_logprobs: tuple[float | None, ...] | None = None  # with the first token: one per prompt token, first None
 
 
-def kv_bytes_per_page(model: LoadedModel, page_size: int) -> int:
+def kv_bytes_per_page(model: LoadedModel, page_size: int, fmt: KVFormat) -> int:
+    """Real bytes of one page (all layers, keys and values) in format `fmt`."""
     cfg = model.config
-    return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(model.dtype).itemsize
+    return bytes_per_page(fmt, cfg.num_layers, page_size, cfg.num_kv_heads, cfg.head_dim)
 
 
 class Engine:
     def __init__(self, model: LoadedModel, config: EngineConfig = EngineConfig()):
         self.model, self.config, self.tokenizer = model, config, model.tokenizer
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
+        self.kv_format = kv_format(config.kv_cache_dtype, model.dtype)
+        self.attention_impl = resolve_attention_backend(config.attention_backend)
+        page_bytes = kv_bytes_per_page(model, config.page_size, self.kv_format)
         memory = config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
-        num_pages = config.num_pages or max(2, memory // kv_bytes_per_page(model, config.page_size))
+        num_pages = config.num_pages or max(2, memory // page_bytes)
         self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        log.info("KV cache: page size %d, %d pages (%.1f MiB), at most %d cached tokens",
-                    config.page_size, num_pages, num_pages * kv_bytes_per_page(model, config.page_size) / 2**20,
-                    self.max_cached_tokens)
+        log.info("KV cache: %s, page size %d, %d pages (%.1f MiB), at most %d cached tokens; attention: %s",
+                 self.kv_format.name, config.page_size, num_pages, num_pages * page_bytes / 2**20,
+                 self.max_cached_tokens, self.attention_impl)
         self.runner = ModelRunner(model, num_pages, config.page_size, config.max_num_seqs,
-                                  config.max_num_batched_tokens, self.max_model_len)
+                                  config.max_num_batched_tokens, self.max_model_len, self.kv_format,
+                                  self.attention_impl)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else ())
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._aborted: list[Request] = []
+        self._prompt_logprobs: dict[str, dict[int, float]] = {}  # filled chunk by chunk, sent with the first token
         self._ids = itertools.count()
 
     @property
@@ -140,7 +149,10 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return deltas
-        sampled = self.runner.execute(plan)
+        out: RunnerOutput = self.runner.execute(plan)
+        sampled = out.sampled
+        for rid, scores in out.prompt_logprobs.items():
+            self._prompt_logprobs.setdefault(rid, {}).update(scores)
         events = self.scheduler.update(plan, {rid: s.token_id for rid, s in sampled.items()})
         for request, token in events:
             detok = self._detokenizers[request.request_id]
@@ -159,4 +171,10 @@ class Engine:
         usage = Usage(request.num_prompt_tokens, len(request.output_token_ids), request.num_cached_tokens)
         logprobs = (sampled,) if sampled is not None and request.params.logprobs is not None else None
         return RequestDelta(request.request_id, tuple(tokens), text, request.is_finished,
-                            request.finish_reason, usage, logprobs)
+                            request.finish_reason, usage, logprobs, self._take_prompt_logprobs(request))
+
+    def _take_prompt_logprobs(self, request: Request):
+        scores = self._prompt_logprobs.pop(request.request_id, None)
+        if scores is None:
+            return None
+        return (None,) + tuple(scores.get(p) for p in range(1, request.num_prompt_tokens))

@@ -16,9 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.checkpoint import LoadedModel
+from jaxserve.engine.kv_calibration import calibrate
 from jaxserve.engine.sampler import (MAX_LOGPROBS, PenaltyState, SamplingInputs, record_tokens, sample,
                                      set_penalty_row)
-from jaxserve.models import AttentionMetadata, KVCache, forward, logits
+from jaxserve.models import AttentionMetadata, KVPages, empty_kv_pages, forward, logits
+from pallas_kernels.kv_quant import KVFormat
 
 log = logging.getLogger(__name__)
 MIN_BUCKET = 4  # small decode batches should not pay for 16 padded tokens
@@ -26,7 +28,7 @@ MIN_BUCKET = 4  # small decode batches should not pay for 16 padded tokens
 
 class RunnerState(NamedTuple):
     """Everything the step updates in place (donated): KV pages and penalty statistics."""
-    kv: KVCache
+    kv: KVPages
     penalties: PenaltyState
 
 
@@ -39,14 +41,22 @@ class StepBatch(NamedTuple):
     is_output: jax.Array       # [T] the token is a generated one
     sampling: SamplingInputs   # [B] each
     want_logprobs: jax.Array   # []
+    prompt_targets: jax.Array  # [T] the next prompt token after each token (scoring steps only)
 
 
-def _step(graphdef, params, state: RunnerState, batch: StepBatch):
+def _step(graphdef, attention_impl: str, score: bool, params, state: RunnerState, batch: StepBatch):
+    """One engine step. With `score`, also the log-probability [T] of each token's prompt target
+    (a variant compiled on first use: it needs logits for every token, not just the last ones)."""
     penalties = record_tokens(state.penalties, batch.token_slots, batch.tokens, batch.is_output)
-    hidden, kv = forward(graphdef, params, state.kv, batch.tokens, batch.positions, batch.meta)
+    hidden, kv = forward(graphdef, params, state.kv, batch.tokens, batch.positions, batch.meta, attention_impl)
     last = hidden[batch.logits_indices]  # [B, D]
     packed = sample(logits(graphdef, params, last), batch.sampling, penalties, batch.want_logprobs)
-    return packed, RunnerState(kv, penalties)
+    scores = None
+    if score:
+        all_logits = logits(graphdef, params, hidden)  # [T, vocab]
+        target = jnp.take_along_axis(all_logits, batch.prompt_targets[:, None], axis=1)[:, 0]
+        scores = target - jax.nn.logsumexp(all_logits, axis=-1)
+    return (packed, scores), RunnerState(kv, penalties)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +64,12 @@ class SampledToken:
     token_id: int
     logprob: float
     top_logprobs: tuple[tuple[int, float], ...]  # (token id, logprob), best first; () when not asked
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerOutput:
+    sampled: dict[str, SampledToken]         # per chunk that samples
+    prompt_logprobs: dict[str, dict[int, float]]  # per prompt_logprobs chunk: {position of scored token: logprob}
 
 
 def token_buckets(max_tokens: int) -> list[int]:
@@ -66,13 +82,15 @@ def token_buckets(max_tokens: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, model: LoadedModel, num_pages: int, page_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int):
+                 max_num_batched_tokens: int, max_model_len: int, kv_format: KVFormat, attention_impl: str = "xla"):
         self.model, self.page_size, self.max_num_seqs = model, page_size, max_num_seqs
+        self.attention_impl = attention_impl
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.buckets = token_buckets(max_num_batched_tokens)
         vocab = model.config.vocab_size
+        chans = calibrate(model, kv_format) if kv_format.quantized else (None, None)
         self.state = RunnerState(
-            KVCache.zeros(model.config, num_pages, page_size, jnp.dtype(model.dtype)),
+            empty_kv_pages(model.config, kv_format, num_pages, page_size, *chans),
             PenaltyState(jnp.zeros((max_num_seqs, vocab), jnp.int8), jnp.zeros((max_num_seqs, vocab), jnp.int32)))
         self.free_slots = list(range(max_num_seqs))[::-1]
         self.slots: dict[str, int] = {}
@@ -80,27 +98,45 @@ class ModelRunner:
         self._compiled = {}
         self._set_row = jax.jit(set_penalty_row, donate_argnums=0)
         for t in self.buckets:
-            self._compile(t)
+            self._compile(t, score=False)
 
-    def _compile(self, t: int):
+    def _compile(self, t: int, score: bool):
         batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self._host_batch([], t))
-        jitted = jax.jit(_step, static_argnums=0, donate_argnums=2)
-        self._compiled[t] = jitted.lower(self.model.graphdef, self.model.params, self.state, batch).compile()
+        jitted = jax.jit(_step, static_argnums=(0, 1, 2), donate_argnums=4)
+        self._compiled[t, score] = jitted.lower(self.model.graphdef, self.attention_impl, score, self.model.params,
+                                                self.state, batch).compile()
         self.compile_count += 1
 
     def bucket_for(self, num_tokens: int) -> int:
         return next(t for t in self.buckets if t >= num_tokens)
 
-    def execute(self, plan) -> dict[str, SampledToken]:
-        """Runs one step; returns the sampled token of every chunk that samples."""
+    def execute(self, plan) -> RunnerOutput:
+        """Runs one step: the sampled token of every chunk that samples (and prompt log-probabilities)."""
         self.release(plan.preempted_ids)
         self._assign_penalty_slots(plan.chunks)
         t = self.bucket_for(plan.num_tokens)
-        if t not in self._compiled:  # the tripwire: never expected after start-up
-            log.warning("recompiling for %d tokens (compile #%d)", t, self.compile_count + 1)
-            self._compile(t)
-        packed, self.state = self._compiled[t](self.model.params, self.state, self._host_batch(plan.chunks, t))
-        return self._unpack(np.asarray(packed), plan.chunks)  # the one device-to-host copy per step
+        score = any(c.prompt_targets for c in plan.chunks)
+        if (t, score) not in self._compiled:
+            if score:  # expected: the scoring variant is built when first asked for
+                log.info("compiling the prompt-logprob step for %d tokens", t)
+            else:  # the tripwire: never expected after start-up
+                log.warning("recompiling for %d tokens (compile #%d)", t, self.compile_count + 1)
+            self._compile(t, score)
+        (packed, scores), self.state = self._compiled[t, score](
+            self.model.params, self.state, self._host_batch(plan.chunks, t))
+        sampled = self._unpack(np.asarray(packed), plan.chunks)  # the one device-to-host copy per step
+        return RunnerOutput(sampled, self._prompt_logprobs(None if scores is None else np.asarray(scores), plan.chunks))
+
+    @staticmethod
+    def _prompt_logprobs(scores, chunks) -> dict[str, dict[int, float]]:
+        out, start = {}, 0
+        for c in chunks:
+            if c.prompt_targets:
+                n = len(c.prompt_targets)  # token i of the chunk scores the token at position start_position + i + 1
+                out[c.request_id] = dict(zip(range(c.start_position + 1, c.start_position + 1 + n),
+                                             scores[start:start + n].tolist()))
+            start += c.num_tokens
+        return out
 
     def release(self, request_ids):
         for rid in request_ids:
@@ -122,6 +158,7 @@ class ModelRunner:
         b, ps = min(t, self.max_num_seqs), self.page_size
         tokens, positions, slot_mapping = (np.zeros(t, np.int32) for _ in range(3))
         token_slots, is_output = np.full(t, self.max_num_seqs, np.int32), np.zeros(t, bool)
+        targets = np.zeros(t, np.int32)
         kv_lens, logits_indices = np.zeros(b, np.int32), np.zeros(b, np.int32)
         page_tables = np.zeros((b, self.max_pages_per_seq), np.int32)
         cu = np.zeros(b + 1, np.int32)
@@ -133,12 +170,13 @@ class ModelRunner:
             slot_mapping[start:start + n] = table[pos // ps] * ps + pos % ps
             token_slots[start:start + n] = self.slots.get(c.request_id, self.max_num_seqs)
             is_output[start:start + n] = pos >= c.num_prompt_tokens
+            targets[start:start + len(c.prompt_targets)] = c.prompt_targets
             page_tables[i, :len(table)] = table
             kv_lens[i], cu[i + 1], logits_indices[i] = c.start_position + n, start + n, start + n - 1
         cu[len(chunks) + 1:] = cu[len(chunks)]
         meta = AttentionMetadata(slot_mapping, kv_lens, page_tables, cu, np.int32(len(chunks)))
         return StepBatch(tokens, positions, meta, logits_indices, token_slots, is_output,
-                         self._sampling_inputs(chunks, b), np.bool_(any(c.params.logprobs for c in chunks)))
+                         self._sampling_inputs(chunks, b), np.bool_(any(c.params.logprobs for c in chunks)), targets)
 
     def _sampling_inputs(self, chunks, b: int) -> SamplingInputs:
         def column(fn, dtype, pad):

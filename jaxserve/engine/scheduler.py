@@ -32,6 +32,7 @@ class ScheduledChunk:
     seed: int                    # params.seed, or one drawn once per request (stable across preemption)
     history: tuple[int, ...]     # penalised requests at admission: tokens already cached (prefix hits), else ()
     num_prompt_tokens: int
+    prompt_targets: tuple[int, ...] = ()  # prompt_logprobs: the prompt token after each fed token, while known
 
     @property
     def num_tokens(self) -> int:
@@ -205,10 +206,14 @@ class Scheduler:
         pages = self.block_manager.page_table(request.request_id)[:self.block_manager.pages_needed(end)]
         # The runner counts the tokens it is fed; at admission it also needs those already cached.
         history = tuple(request.token_ids_between(0, start)) if admitted and request.params.has_penalties else ()
+        targets = ()
+        if request.params.prompt_logprobs and start + 1 < request.num_prompt_tokens:
+            targets = tuple(request.token_ids_between(start + 1, min(end + 1, request.num_prompt_tokens)))
         return ScheduledChunk(
             request_id=request.request_id, token_ids=tuple(request.token_ids_between(start, end)),
             start_position=start, page_table=tuple(pages), samples=samples, params=request.params,
-            seed=request.sampling_seed, history=history, num_prompt_tokens=request.num_prompt_tokens)
+            seed=request.sampling_seed, history=history, num_prompt_tokens=request.num_prompt_tokens,
+            prompt_targets=targets)
 
     # --- results -----------------------------------------------------------------------------
     def update(self, plan: StepPlan, sampled: dict[str, int]) -> list[tuple[Request, int]]:

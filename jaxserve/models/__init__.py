@@ -5,10 +5,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxserve.config import ModelConfig
-from jaxserve.models.transformer import (AttentionMetadata, KVCache, ParamSpec, Transformer, layer_param_specs,
-                                        top_param_specs)
+from jaxserve.models.transformer import (AttentionMetadata, ParamSpec, Transformer, empty_kv_pages,
+                                        layer_param_specs, top_param_specs)
+from pallas_kernels.kv_quant import KVPages
 
-__all__ = ["AttentionMetadata", "KVCache", "ParamSpec", "Transformer", "abstract_model", "forward", "logits", "param_specs"]
+__all__ = ["AttentionMetadata", "KVPages", "empty_kv_pages", "ParamSpec", "Transformer", "abstract_model", "forward", "logits", "param_specs"]
 
 
 def abstract_model(cfg: ModelConfig, dtype=jnp.float32):
@@ -21,9 +22,9 @@ def param_specs(cfg: ModelConfig) -> dict:
     return {**top_param_specs(cfg), "layers": layer_param_specs(cfg)}
 
 
-def forward(graphdef, state, kv: KVCache, tokens, positions, meta: AttentionMetadata):
+def forward(graphdef, state, kv: KVPages, tokens, positions, meta: AttentionMetadata, attention_impl: str = "xla"):
     """Pure forward over a flat token batch: hidden states [T, D] and the updated cache."""
-    return nnx.merge(graphdef, state)(tokens, positions, kv, meta)
+    return nnx.merge(graphdef, state)(tokens, positions, kv, meta, attention_impl)
 
 
 def logits(graphdef, state, hidden):

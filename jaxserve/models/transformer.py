@@ -16,18 +16,13 @@ from flax import nnx
 from jaxserve.config import ModelConfig
 from jaxserve.models import layers as L
 from jaxserve.ops.attention import AttentionPlan, attend, plan_attention, write_kv
+from jaxserve.ops.backends import attention_impl
+from pallas_kernels.kv_quant import KVFormat, KVPages
 
 
-class KVCache(NamedTuple):
-    """Paged KV cache: k, v [layers, num_pages, page_size, kv_heads, head_dim]. Page 0 is the null
-    page that padding tokens write to."""
-    k: jax.Array
-    v: jax.Array
-
-    @classmethod
-    def zeros(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> "KVCache":
-        shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+def empty_kv_pages(cfg: ModelConfig, fmt: KVFormat, num_pages: int, page_size: int, k_chan=None, v_chan=None):
+    """The whole model's paged KV cache (see pallas_kernels/kv_quant.py) with every page zero."""
+    return KVPages.zeros(fmt, cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, k_chan, v_chan)
 
 
 class AttentionMetadata(NamedTuple):
@@ -113,8 +108,17 @@ def ffn(p: dict, x, cfg: ModelConfig):
     return L.swiglu(x, p["w_gate"], p["w_up"], p["w_down"])
 
 
-def decoder_layer(p: dict, x, kv: KVCache, layer, rope, meta: AttentionMetadata, plan: AttentionPlan,
-                  cfg: ModelConfig):
+def attention(q, kv: KVPages, layer, meta: AttentionMetadata, plan: AttentionPlan | None, impl: str,
+              cfg: ModelConfig):
+    """The XLA path reuses the step's plan; kernels take the ragged metadata as it is."""
+    opts = dict(sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
+    if plan is not None:
+        return attend(q, kv, layer, plan, **opts)
+    return attention_impl(impl)(q, kv, layer, meta.kv_lens, meta.page_tables, meta.cu_q_lens, meta.num_seqs, **opts)
+
+
+def decoder_layer(p: dict, x, kv: KVPages, layer, rope, meta: AttentionMetadata, plan: AttentionPlan | None,
+                  impl: str, cfg: ModelConfig):
     """One layer over a flat token batch. x [T, D]; kv holds every layer's pages; `layer` picks ours."""
     t = x.shape[0]
     h = L.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
@@ -129,8 +133,8 @@ def decoder_layer(p: dict, x, kv: KVCache, layer, rope, meta: AttentionMetadata,
         k = L.rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
     cos, sin = rope
     q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
-    kv = KVCache(*write_kv(kv.k, kv.v, layer, k, v, meta.slot_mapping))
-    attn = attend(q, kv.k, kv.v, layer, plan, sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
+    kv = write_kv(kv, layer, k, v, meta.slot_mapping)
+    attn = attention(q, kv, layer, meta, plan, impl, cfg)
     attn = attn.reshape(t, cfg.num_heads * cfg.head_dim) @ p["wo"]
     if cfg.o_bias:
         attn = attn + p["bo"]
@@ -146,14 +150,15 @@ class DecoderStack(nnx.Module):
         self.cfg = cfg
         _make_params(self, layer_param_specs(cfg), rngs, dtype)
 
-    def __call__(self, x, kv: KVCache, rope, meta: AttentionMetadata):
+    def __call__(self, x, kv: KVPages, rope, meta: AttentionMetadata, impl: str):
         stacked = {name: getattr(self, name)[...] for name in layer_param_specs(self.cfg)}
-        plan = plan_attention(meta.kv_lens, meta.page_tables, meta.cu_q_lens, meta.num_seqs, x.shape[0])
+        plan = None if impl != "xla" else plan_attention(meta.kv_lens, meta.page_tables, meta.cu_q_lens,
+                                                         meta.num_seqs, x.shape[0])
 
         def body(carry, xs):
             x, kv = carry
             p, layer = xs
-            return decoder_layer(p, x, kv, layer, rope, meta, plan, self.cfg), None
+            return decoder_layer(p, x, kv, layer, rope, meta, plan, impl, self.cfg), None
 
         layers = jnp.arange(self.cfg.num_layers)
         (x, kv), _ = jax.lax.scan(body, (x, kv), (stacked, layers))
@@ -166,11 +171,12 @@ class Transformer(nnx.Module):
         _make_params(self, top_param_specs(cfg), rngs, dtype)
         self.layers = DecoderStack(cfg, rngs, dtype)
 
-    def __call__(self, tokens, positions, kv: KVCache, meta: AttentionMetadata):
-        """tokens, positions [T] int32 -> hidden states [T, D] (final norm applied), new cache."""
+    def __call__(self, tokens, positions, kv: KVPages, meta: AttentionMetadata, attention_impl: str = "xla"):
+        """tokens, positions [T] int32 -> hidden states [T, D] (final norm applied), new cache.
+        attention_impl: xla | tpu | gpu | gpu-interpret (jaxserve.ops.backends)."""
         x = self.embed[...][tokens]
         rope = L.rope_cos_sin(positions, L.rope_inv_freq(self.cfg))  # inv_freq: a compile-time constant
-        x, kv = self.layers(x, kv, rope, meta)
+        x, kv = self.layers(x, kv, rope, meta, attention_impl)
         return L.rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps), kv
 
     def logits(self, hidden):

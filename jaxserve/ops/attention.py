@@ -8,16 +8,9 @@ an online softmax, and splits the work two ways because their shapes differ:
     each KV block once and attends with real matrix products.
 Both loops run only as far as the batch needs (dynamic trip counts), so shapes stay static.
 
-Shapes:
-    q            [tokens, heads, head_dim]
-    k/v cache    [layers, num_pages, page_size, kv_heads, head_dim]; `layer` picks one. Pages are
-                 gathered straight from the whole-model cache so no layer slice is ever copied.
-    kv_lens      [seqs]       tokens in each sequence's cache, this step's included
-    page_tables  [seqs, max_pages]
-    cu_q_lens    [seqs + 1]   query tokens of sequence s are cu_q_lens[s]:cu_q_lens[s + 1]
-    num_seqs     []           sequences in use (the rest is padding)
-Query tokens are the last tokens of their sequence: token i of sequence s sits at position
-kv_lens[s] - q_len[s] + i, and sees keys at positions <= its own.
+The contract (shapes, masking) is pallas_kernels/ragged_paged_attention/common.py. Pages are
+gathered straight from the whole-model cache (`layer` picks one), so no layer slice is ever copied,
+and quantized pages are dequantized a block at a time inside the loops, never as a whole.
 """
 from __future__ import annotations
 
@@ -27,13 +20,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.kv_quant import KVPages, dequantize, quantize
+from pallas_kernels.ragged_paged_attention.common import fold_query, unfold_output
+
 DECODE_BLOCK = 16  # single-token queries handled together
 DECODE_PAGES_PER_BLOCK = 2  # decodes gather per token: short blocks waste fewer slots past kv_len
 
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
-    sm_scale: float
     sliding_window: int | None
     soft_cap: float | None
     pages_per_block: int
@@ -70,18 +65,23 @@ def _finish(l, acc):
     return acc / jnp.where(l > 0, l, 1.0)[..., None]  # rows that see nothing (padding) give zeros
 
 
-def _kv_block(k_cache, v_cache, layer, pages, spec: _Spec):
-    """pages [..., pages_per_block] -> k, v [..., block, kv_heads, head_dim] in float32.
-    Pages are gathered as whole rows of a [layers * pages, page_bytes] view: a plain row gather is
-    about twice as fast on CPU as indexing the 5-D cache."""
-    layers, num_pages = k_cache.shape[:2]
+def _kv_block(kv: KVPages, layer, pages, spec: _Spec):
+    """pages [..., pages_per_block] -> k, v [..., block, kv_heads, head_dim] in float32 (channel scale
+    still folded out). Pages are gathered as whole rows of a [layers * pages, page_bytes] view: a
+    plain row gather is about twice as fast on CPU as indexing the 5-D cache."""
+    layers, num_pages = kv.k.shape[:2]
     rows = layer * num_pages + pages
-    shape = pages.shape[:-1] + (spec.block,) + k_cache.shape[3:]
-    flat = lambda c: c.reshape(layers * num_pages, -1)[rows].reshape(shape).astype(jnp.float32)  # noqa: E731
-    return flat(k_cache), flat(v_cache)
+    fmt = kv.format
+
+    def gather(a):
+        return None if a is None else a.reshape(layers * num_pages, -1)[rows].reshape(
+            pages.shape[:-1] + (spec.block,) + a.shape[3:])
+
+    return (dequantize(gather(kv.k), gather(kv.k_scale), fmt),
+            dequantize(gather(kv.v), gather(kv.v_scale), fmt))
 
 
-def _decode_part(qg, k_cache, v_cache, layer, tables, position, token_ids, count, spec: _Spec):
+def _decode_part(qg, kv, layer, tables, position, token_ids, count, spec: _Spec):
     """Single-token queries: token_ids [T] lists them first (count of them), padded with T."""
     tokens, kvh, g, hd = qg.shape
     out = jnp.zeros((tokens + 1, kvh, g, hd), jnp.float32)  # row `tokens` absorbs padding writes
@@ -94,7 +94,7 @@ def _decode_part(qg, k_cache, v_cache, layer, tables, position, token_ids, count
 
         def kv_step(j, carry):
             pages = jax.lax.dynamic_slice_in_dim(tab, j * spec.pages_per_block, spec.pages_per_block, axis=1)
-            k, v = _kv_block(k_cache, v_cache, layer, pages, spec)  # [TB, block, kvh, hd]
+            k, v = _kv_block(kv, layer, pages, spec)  # [TB, block, kvh, hd]
             s = _cap(spec, jnp.einsum("tkgd,tskd->tkgs", q, k))  # [TB, kvh, g, block]
             visible = _visible(spec, pos, j * spec.block + jnp.arange(spec.block))
             s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
@@ -108,7 +108,7 @@ def _decode_part(qg, k_cache, v_cache, layer, tables, position, token_ids, count
     return jax.lax.fori_loop(0, (count + DECODE_BLOCK - 1) // DECODE_BLOCK, token_block, out)[:tokens]
 
 
-def _prefill_part(qg, k_cache, v_cache, layer, page_tables, cu_q_lens, kv_lens, seqs, num, out, q_tile, spec):
+def _prefill_part(qg, kv, layer, page_tables, cu_q_lens, kv_lens, seqs, num, out, q_tile, spec):
     """Multi-token queries: `seqs` [S] lists their sequences first (`num` of them)."""
     tokens, kvh, g, hd = qg.shape
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
@@ -129,7 +129,7 @@ def _prefill_part(qg, k_cache, v_cache, layer, page_tables, cu_q_lens, kv_lens, 
 
         def kv_step(j, carry):
             pages = jax.lax.dynamic_slice_in_dim(table, j * spec.pages_per_block, spec.pages_per_block)
-            k, v = _kv_block(k_cache, v_cache, layer, pages, spec)  # [block, kvh, hd]
+            k, v = _kv_block(kv, layer, pages, spec)  # [block, kvh, hd]
             s_ = _cap(spec, jnp.einsum("qkgd,skd->kgqs", q, k))  # [kvh, g, TQ, block]
             s_ = jnp.where(_visible(spec, pos, j * spec.block + jnp.arange(spec.block)), s_, -jnp.inf)
             return _online_update(carry, s_, v, "kgqs,skd->kgqd")
@@ -183,35 +183,34 @@ def plan_attention(kv_lens, page_tables, cu_q_lens, num_seqs, num_tokens: int, p
         jnp.nonzero(multi, size=multi.shape[0], fill_value=0)[0], multi.sum())
 
 
-def attend(q, k_cache, v_cache, layer, plan: AttentionPlan, *, sm_scale: float, sliding_window: int | None = None,
+def attend(q, kv: KVPages, layer, plan: AttentionPlan, *, sm_scale: float, sliding_window: int | None = None,
            soft_cap: float | None = None, pages_per_block: int = 8, q_tile: int = 32):
     """Attention of q [tokens, heads, head_dim] for one layer, given this step's plan."""
-    tokens, heads, head_dim = q.shape
-    kv_heads = k_cache.shape[3]
-    spec = _Spec(sm_scale, sliding_window, soft_cap, pages_per_block, k_cache.shape[2])
-    qg = (q.astype(jnp.float32) * sm_scale).reshape(tokens, kv_heads, heads // kv_heads, head_dim)
+    spec = _Spec(sliding_window, soft_cap, pages_per_block, kv.page_size)
+    qg = fold_query(q, kv, layer, sm_scale)  # [T, kvh, g, hd]
     decode_spec = dataclasses.replace(spec, pages_per_block=DECODE_PAGES_PER_BLOCK)
-    out = _decode_part(qg, k_cache, v_cache, layer, plan.token_tables, plan.position, plan.decode_ids,
-                       plan.num_decode, decode_spec)
-    out = _prefill_part(qg, k_cache, v_cache, layer, plan.page_tables, plan.cu_q_lens, plan.kv_lens,
+    out = _decode_part(qg, kv, layer, plan.token_tables, plan.position, plan.decode_ids, plan.num_decode, decode_spec)
+    out = _prefill_part(qg, kv, layer, plan.page_tables, plan.cu_q_lens, plan.kv_lens,
                         plan.prefill_seqs, plan.num_prefill, out, q_tile, spec)
-    return out.reshape(tokens, heads, head_dim).astype(q.dtype)
+    return unfold_output(out, kv, layer, q.dtype)
 
 
-def ragged_paged_attention(q, k_cache, v_cache, layer, kv_lens, page_tables, cu_q_lens, num_seqs, *,
-                           sm_scale: float, sliding_window: int | None = None,
-                           soft_cap: float | None = None, pages_per_block: int = 8, q_tile: int = 32):
-    """The kernel contract (see the module docstring): plan and attend in one call."""
-    plan = plan_attention(kv_lens, page_tables, cu_q_lens, num_seqs, q.shape[0], pages_per_block)
-    return attend(q, k_cache, v_cache, layer, plan, sm_scale=sm_scale, sliding_window=sliding_window,
+def ragged_paged_attention_xla(q, kv: KVPages, layer, kv_lens, page_tables, cu_q_lens, num_seqs, *,
+                               sm_scale: float, sliding_window: int | None = None,
+                               soft_cap: float | None = None, pages_per_block: int = 8, q_tile: int = 32):
+    """The kernel contract: plan and attend in one call."""
+    kv_lens, page_tables, cu_q_lens = (jnp.asarray(a, jnp.int32) for a in (kv_lens, page_tables, cu_q_lens))
+    plan = plan_attention(kv_lens, page_tables, cu_q_lens, jnp.reshape(num_seqs, ()), q.shape[0], pages_per_block)
+    return attend(q, kv, layer, plan, sm_scale=sm_scale, sliding_window=sliding_window,
                   soft_cap=soft_cap, pages_per_block=pages_per_block, q_tile=q_tile)
 
 
-def write_kv(k_cache, v_cache, layer, k, v, slot_mapping):
-    """Scatters new k, v [tokens, kv_heads, head_dim] of `layer` into slots (page * page_size + offset),
-    in place under a donated jit."""
-    page_size = k_cache.shape[2]
-    page, offset = slot_mapping // page_size, slot_mapping % page_size
-    k_cache = k_cache.at[layer, page, offset].set(k.astype(k_cache.dtype))
-    v_cache = v_cache.at[layer, page, offset].set(v.astype(v_cache.dtype))
-    return k_cache, v_cache
+def write_kv(kv: KVPages, layer, k, v, slot_mapping) -> KVPages:
+    """Quantizes new k, v [tokens, kv_heads, head_dim] of `layer` into the page format and scatters
+    them into their slots (page * page_size + offset), in place under a donated jit."""
+    page, offset = slot_mapping // kv.page_size, slot_mapping % kv.page_size
+    fmt = kv.format
+    chan = lambda c: None if c is None else c[layer]  # noqa: E731
+    (kc, ks), (vc, vs) = quantize(k, chan(kv.k_chan), fmt), quantize(v, chan(kv.v_chan), fmt)
+    put = lambda cache, new: None if cache is None else cache.at[layer, page, offset].set(new)  # noqa: E731
+    return kv._replace(k=put(kv.k, kc), v=put(kv.v, vc), k_scale=put(kv.k_scale, ks), v_scale=put(kv.v_scale, vs))

@@ -1,0 +1,33 @@
+"""Which ragged paged attention implementation runs: the XLA path, the Mosaic TPU kernel or the
+Pallas GPU kernel, picked by the JAX backend. `auto` is the kernel of the platform (XLA on CPU);
+`pallas` on CPU runs the GPU kernel in interpret mode (slow; for tests)."""
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from jaxserve.ops.attention import ragged_paged_attention_xla
+
+ATTENTION_BACKENDS = ("auto", "xla", "pallas")
+
+
+def resolve_attention_backend(name: str = "auto", platform: str | None = None) -> str:
+    """auto | xla | pallas -> the implementation: xla | tpu | gpu | gpu-interpret."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {name!r}")
+    platform = platform or jax.default_backend()
+    if name == "xla" or (name == "auto" and platform not in ("tpu", "gpu")):
+        return "xla"
+    return {"tpu": "tpu", "gpu": "gpu"}.get(platform, "gpu-interpret")
+
+
+def attention_impl(impl: str):
+    """The function with the contract's signature for a resolved implementation name."""
+    if impl == "xla":
+        return ragged_paged_attention_xla
+    if impl == "tpu":
+        from pallas_kernels.ragged_paged_attention.tpu import ragged_paged_attention_tpu
+        return ragged_paged_attention_tpu
+    from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu
+    return functools.partial(ragged_paged_attention_gpu, interpret=impl == "gpu-interpret")

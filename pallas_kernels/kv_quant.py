@@ -1,0 +1,232 @@
+"""Quantized KV pages: the formats, how values are quantized when written, and how a block of
+pages is dequantized inside an attention kernel. Pure jnp, so the XLA path, the Pallas kernels
+(interpreted or compiled) and the references share one definition.
+
+A value x of layer l, kv head h, channel d is stored as
+
+    x ~= decode(code) * block_scale * chan[l, h, d]
+
+  * `chan` [layers, kv_heads, head_dim] float32: a static per-channel scale (KVQuant's per-channel
+    keys; values get one too) computed from calibration data when the engine starts. It costs no
+    page memory, so 8-bit pages hold exactly twice the tokens of bfloat16 pages. Kernels never
+    multiply it into the pages: keys fold it into the query, values into the output.
+  * `block_scale`: a dynamic scale per (token, kv head, group of `group` channels), computed from
+    the data when the token is written (4-bit formats only; 8-bit formats need none).
+  * quantized formats store keys and values rotated by a normalized Hadamard matrix over head_dim
+    (as QuaRot does): an orthogonal change of basis that leaves q.k unchanged but spreads a few
+    large channels over all of them, so a dot product no longer rides on the rounding of one
+    element. The query is rotated the same way before the kernel and the output rotated back
+    after it (common.py), so kernels never see the rotation.
+
+Page arrays (one set for keys, one for values), per format:
+    codes   [layers, num_pages, page_size, kv_heads, head_dim // codes_per_byte]
+    scales  [layers, num_pages, page_size, kv_heads, head_dim // group]  (4-bit formats, else None)
+4-bit codes pack channel d in the low nibble and channel d + head_dim/2 in the high nibble of
+byte d, so unpacking is a concatenation of two halves.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+E2M1_MAX, E4M3_MAX = 6.0, 448.0
+FP8_HEADROOM = 4.0  # fp8 precision is relative, so headroom above the calibrated max costs nothing
+SCALE_SEARCH = (1.0, 0.95, 0.9, 0.85, 0.8)  # block scale candidates, as fractions of absmax / top code
+_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # between the magnitudes 0 .5 1 1.5 2 3 4 6
+
+
+@dataclasses.dataclass(frozen=True)
+class KVFormat:
+    name: str
+    codes_dtype: jnp.dtype
+    packed: bool = False          # two 4-bit codes per byte
+    group: int | None = None      # channels per block scale (None: no block scales)
+    scale_dtype: jnp.dtype | None = None
+    chan_max: float | None = None  # what the calibrated channel max maps to (None: no channel scale)
+
+    @property
+    def quantized(self) -> bool:
+        return self.chan_max is not None
+
+    def bytes_per_token_head(self, head_dim: int) -> float:
+        """Bytes one token of one kv head takes in the pages (keys or values alone)."""
+        codes = head_dim // 2 if self.packed else head_dim * jnp.dtype(self.codes_dtype).itemsize
+        scales = 0 if self.group is None else (head_dim // self.group) * jnp.dtype(self.scale_dtype).itemsize
+        return codes + scales
+
+
+FORMATS = {
+    "float32": KVFormat("float32", jnp.dtype(jnp.float32)),
+    "bfloat16": KVFormat("bfloat16", jnp.dtype(jnp.bfloat16)),
+    "fp8": KVFormat("fp8", jnp.dtype(jnp.float8_e4m3fn), chan_max=E4M3_MAX / FP8_HEADROOM),
+    "int8": KVFormat("int8", jnp.dtype(jnp.int8), chan_max=127.0),
+    # int4: channel-normalized values in [-1, 1], then a float16 scale per 32 channels.
+    "int4": KVFormat("int4", jnp.dtype(jnp.int8), packed=True, group=32, scale_dtype=jnp.dtype(jnp.float16),
+                     chan_max=1.0),
+    # nvfp4: e2m1 codes with an e4m3 scale per 16 channels; the channel scale plays NVIDIA's
+    # second-level (per-tensor) scale and maps the calibrated max to the top of the e4m3 range.
+    "nvfp4": KVFormat("nvfp4", jnp.dtype(jnp.uint8), packed=True, group=16, scale_dtype=jnp.dtype(jnp.float8_e4m3fn),
+                      chan_max=E2M1_MAX * E4M3_MAX / FP8_HEADROOM),
+}
+KV_CACHE_DTYPES = ("auto",) + tuple(FORMATS)
+
+
+def kv_format(name: str, model_dtype=jnp.float32) -> KVFormat:
+    """`auto` stores pages in the model's dtype."""
+    if name == "auto":
+        name = jnp.dtype(model_dtype).name
+    if name not in FORMATS:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {name!r}")
+    return FORMATS[name]
+
+
+def format_of(codes, scales) -> KVFormat:
+    """The format of page arrays, read off their dtypes (so kernels need no extra static argument)."""
+    if scales is None:
+        return next(f for f in FORMATS.values() if f.group is None and f.codes_dtype == codes.dtype)
+    return next(f for f in FORMATS.values() if f.packed and f.scale_dtype == scales.dtype)
+
+
+class KVPages(NamedTuple):
+    """The whole model's paged KV cache. Page 0 is the null page padding tokens write to."""
+    k: jax.Array                    # codes, see the module docstring
+    v: jax.Array
+    k_scale: jax.Array | None = None  # block scales (4-bit formats)
+    v_scale: jax.Array | None = None
+    k_chan: jax.Array | None = None   # [layers, kv_heads, head_dim] float32 (quantized formats)
+    v_chan: jax.Array | None = None
+
+    @property
+    def format(self) -> KVFormat:
+        return format_of(self.k, self.k_scale)
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[2]
+
+    @classmethod
+    def zeros(cls, fmt: KVFormat, layers: int, num_pages: int, page_size: int, kv_heads: int, head_dim: int,
+              k_chan=None, v_chan=None) -> "KVPages":
+        lead = (layers, num_pages, page_size, kv_heads)
+        codes = lambda: jnp.zeros(lead + (head_dim // 2 if fmt.packed else head_dim,), fmt.codes_dtype)  # noqa: E731
+        scales = lambda: None if fmt.group is None else jnp.ones(lead + (head_dim // fmt.group,), fmt.scale_dtype)  # noqa: E731
+        if fmt.quantized and (k_chan is None or v_chan is None):
+            raise ValueError(f"kv_cache_dtype {fmt.name} needs calibrated channel scales")
+        return cls(codes(), codes(), scales(), scales(), k_chan, v_chan)
+
+
+def bytes_per_page(fmt: KVFormat, layers: int, page_size: int, kv_heads: int, head_dim: int) -> int:
+    """Real bytes of one page across all layers, keys and values."""
+    return int(2 * layers * page_size * kv_heads * fmt.bytes_per_token_head(head_dim))
+
+
+def hadamard(d: int):
+    """Normalized Sylvester Hadamard matrix [d, d] (symmetric and its own inverse); None unless d is
+    a power of two."""
+    if d & (d - 1):
+        return None
+    h = jnp.ones((1, 1), jnp.float32)
+    while h.shape[0] < d:
+        h = jnp.block([[h, h], [h, -h]])
+    return h / jnp.sqrt(jnp.float32(d))
+
+
+def rotate(x, fmt: KVFormat):
+    """x [..., head_dim] -> the basis quantized pages are stored in (applying it twice is identity)."""
+    h = hadamard(x.shape[-1]) if fmt.quantized else None
+    return x if h is None else jnp.matmul(x.astype(jnp.float32), h, precision=jax.lax.Precision.HIGHEST)
+
+
+def channel_scales(amax, fmt: KVFormat):
+    """Calibrated |rotate(x)| max per [layers, kv_heads, head_dim] -> the format's channel scale."""
+    return jnp.maximum(amax.astype(jnp.float32), 1e-6) / fmt.chan_max
+
+
+# ---- encoding (at write time; XLA only) -------------------------------------------------------
+
+def _e2m1_encode(x):
+    """float32 -> 4-bit e2m1 codes (sign bit 3, magnitude index 0..7), round to nearest."""
+    mag = sum((jnp.abs(x) > m).astype(jnp.uint8) for m in _E2M1_MIDPOINTS)
+    return jnp.where(x < 0, mag | 8, mag).astype(jnp.uint8)
+
+
+def quantize(x, chan, fmt: KVFormat):
+    """New values x [tokens, kv_heads, head_dim] -> (codes, block scales or None) in page layout.
+    chan [kv_heads, head_dim] is this layer's channel scale (None for float formats)."""
+    if not fmt.quantized:
+        return x.astype(fmt.codes_dtype), None
+    xn = rotate(x, fmt) / chan  # [T, H, D]; calibrated max -> fmt.chan_max
+    if fmt.name == "fp8":
+        return jnp.clip(xn, -E4M3_MAX, E4M3_MAX).astype(fmt.codes_dtype), None
+    if fmt.name == "int8":
+        return jnp.clip(jnp.round(xn), -127, 127).astype(jnp.int8), None
+    t, h, d = xn.shape
+    groups = xn.reshape(t, h, d // fmt.group, fmt.group)
+    scale = _best_block_scale(groups, fmt)  # [T, H, D/group] as stored
+    s = scale.astype(jnp.float32)[..., None]
+    codes = _encode_4bit(groups / jnp.where(s > 0, s, 1.0), fmt).reshape(t, h, d)
+    lo, hi = codes[..., : d // 2], codes[..., d // 2:]
+    return ((hi << 4) | (lo & 0xF)).astype(jnp.uint8).view(fmt.codes_dtype), scale
+
+
+def _encode_4bit(y, fmt: KVFormat):
+    """Scaled values -> int32 codes: int4 in [-7, 7], nvfp4 as e2m1 bit patterns."""
+    return jnp.clip(jnp.round(y), -7, 7).astype(jnp.int32) if fmt.name == "int4" else _e2m1_encode(y).astype(jnp.int32)
+
+
+def _decode_4bit(codes, fmt: KVFormat):
+    return codes.astype(jnp.float32) if fmt.name == "int4" else _e2m1_decode(codes)
+
+
+def _best_block_scale(groups, fmt: KVFormat):
+    """Per block [..., group]: of a few scales at or below absmax / top code, the one (as stored)
+    with the least squared error. Clipping the largest value a little often buys finer steps for
+    the rest."""
+    top = 7.0 if fmt.name == "int4" else E2M1_MAX
+    amax = jnp.abs(groups).max(-1)
+    best, best_err = None, None
+    for shrink in SCALE_SEARCH:
+        scale = jnp.clip(amax * shrink / top, 0, E4M3_MAX).astype(fmt.scale_dtype)
+        s = scale.astype(jnp.float32)[..., None]
+        safe = jnp.where(s > 0, s, 1.0)
+        err = ((_decode_4bit(_encode_4bit(groups / safe, fmt), fmt) * s - groups) ** 2).sum(-1)
+        if best is None:
+            best, best_err = scale, err
+        else:
+            better = err < best_err
+            best, best_err = jnp.where(better, scale, best), jnp.where(better, err, best_err)
+    return best
+
+
+# ---- decoding (inside kernels) ----------------------------------------------------------------
+
+def _e2m1_decode(c):
+    """4-bit e2m1 codes (any int dtype, values 0..15) -> float32."""
+    e, m = (c >> 1) & 3, (c & 1).astype(jnp.float32)
+    pow2 = jnp.where(e == 1, 1.0, jnp.where(e == 2, 2.0, 4.0))
+    mag = jnp.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * pow2)
+    return jnp.where((c & 8) != 0, -mag, mag)
+
+
+def unpack(codes, fmt: KVFormat):
+    """Packed bytes [..., D/2] -> [..., D] float32 code values (before block scales)."""
+    if fmt.name == "int4":
+        c = codes.astype(jnp.int32)  # int8 bytes: sign-extended
+        lo, hi = ((c << 28) >> 28), (c >> 4)
+        return jnp.concatenate([lo, hi], axis=-1).astype(jnp.float32)
+    c = codes.astype(jnp.int32)
+    return jnp.concatenate([_e2m1_decode(c & 0xF), _e2m1_decode(c >> 4)], axis=-1)
+
+
+def dequantize(codes, scales, fmt: KVFormat):
+    """A block of page codes [..., D or D/2] (+ block scales [..., D/group]) -> float32 [..., D],
+    still divided by the channel scale. For use on blocks inside kernels, never on a whole cache."""
+    if not fmt.packed:
+        return codes.astype(jnp.float32)
+    vals = unpack(codes, fmt)
+    d = vals.shape[-1]
+    s = jnp.broadcast_to(scales.astype(jnp.float32)[..., None], scales.shape + (fmt.group,))
+    return vals * s.reshape(vals.shape[:-1] + (d,))
