@@ -1,7 +1,8 @@
-"""`jaxserve` command line: generate | convert. Bad input ends in one line on stderr and exit 1."""
+"""`jaxserve` command line: generate | perplexity | convert. Bad input ends in one line on stderr and exit 1."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -28,9 +29,45 @@ def _add_generate(sub):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--json", action="store_true", help='print {"text", "token_ids", "finish_reason"} per prompt')
+    _add_engine_options(p)
     p.set_defaults(run=_run_generate)
+
+
+def _add_engine_options(p):
+    from pallas_kernels.kv_quant import KV_CACHE_DTYPES  # no jax import: plain metadata
+
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="format of the KV pages (auto: the model dtype)")
+    p.add_argument("--kv-cache-memory", type=_size, default=None, help="bytes for KV pages, e.g. 2G (default 1G)")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "pallas"],
+                   help="auto: the platform's Pallas kernel on TPU/GPU, XLA on CPU")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step (prefill chunk)")
+
+
+def _size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        return int(float(text[:-1]) * units[text[-1]]) if text[-1:] in units else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G or bytes)") from None
+
+
+def _engine_options(args) -> dict:
+    return dict(kv_cache_dtype=args.kv_cache_dtype, kv_cache_memory=args.kv_cache_memory,
+                attention_backend=args.attention_backend, max_num_batched_tokens=args.max_num_batched_tokens)
+
+
+def _add_perplexity(sub):
+    p = sub.add_parser("perplexity", help="perplexity of a text file, scored through the engine's paged KV cache")
+    p.add_argument("--model", default="smollm2-135m", help="a known name (smollm2-135m) or a checkpoint path")
+    p.add_argument("--file", required=True, help="UTF-8 text file to score")
+    p.add_argument("--ctx", type=int, default=2048, help="tokens per window (each scored in budget-sized chunks)")
+    p.add_argument("--json", action="store_true", help='print one {"perplexity", "tokens", ...} object')
+    _add_engine_options(p)
+    p.set_defaults(run=_run_perplexity)
 
 
 def _add_convert(sub):
@@ -57,7 +94,7 @@ def _run_generate(args):
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
     _enable_compilation_cache()
-    llm = LLM(args.model, dtype=args.dtype)
+    llm = LLM(args.model, dtype=args.dtype, **_engine_options(args))
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
     else:
@@ -67,6 +104,27 @@ def _run_generate(args):
             print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason}))
         else:
             print(out.text)
+
+
+def _run_perplexity(args):
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read --file {args.file}: {e}") from None
+    from jaxserve import LLM
+    from jaxserve.perplexity import perplexity
+
+    _enable_compilation_cache()
+    llm = LLM(args.model, dtype=args.dtype, **_engine_options(args))
+    if llm.tokenizer is None:
+        raise ValueError("this checkpoint has no tokenizer, so it cannot score text")
+    result = perplexity(llm.engine, llm.tokenizer.encode(text), args.ctx)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result)))
+    else:
+        print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens "
+              f"({result.windows} windows of <= {result.context}, KV cache {result.kv_cache_dtype})")
 
 
 def _run_convert(args):
@@ -80,6 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--log-level", default=os.environ.get("JAXSERVE_LOG_LEVEL", "WARNING"))
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     _add_generate(sub)
+    _add_perplexity(sub)
     _add_convert(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
