@@ -25,14 +25,19 @@ def run_engine(engine, prompts, output_len: int) -> dict:
     start = time.perf_counter()
     ids = [engine.add_request(p, params) for p in prompts]
     first, last, steps, prefill_steps = {}, {}, 0, 0
+    decode_start, decode_tokens = None, 0  # the pure-decode phase: every prompt prefilled
     while engine.has_unfinished():
         deltas = engine.step()
         now = time.perf_counter()
         steps += 1
+        if decode_start is not None:
+            decode_tokens += sum(len(d.new_token_ids) for d in deltas)
         for d in deltas:
             first.setdefault(d.request_id, now)
             last[d.request_id] = now
         prefill_steps += len(first) < len(ids)
+        if decode_start is None and len(first) == len(ids):
+            decode_start = now
     elapsed = time.perf_counter() - start
     ttft = np.array([first[i] - start for i in ids]) * 1e3
     tpot = np.array([(last[i] - first[i]) / max(output_len - 1, 1) for i in ids]) * 1e3
@@ -40,7 +45,8 @@ def run_engine(engine, prompts, output_len: int) -> dict:
     return {"elapsed_s": elapsed, "steps": steps, "output_throughput": n_out / elapsed,
             "total_token_throughput": (n_in + n_out) / elapsed,
             "mean_ttft_ms": ttft.mean(), "p99_ttft_ms": np.percentile(ttft, 99),
-            "mean_tpot_ms": tpot.mean(), "p99_tpot_ms": np.percentile(tpot, 99)}
+            "mean_tpot_ms": tpot.mean(), "p99_tpot_ms": np.percentile(tpot, 99),
+            "decode_throughput": decode_tokens / max(time.perf_counter() - decode_start, 1e-9) if decode_tokens else 0.0}
 
 
 def matmul_only_seconds(model, num_requests: int, input_len: int, output_len: int, budget: int,

@@ -153,10 +153,10 @@ def write_gguf(model, path: Path, tensor_type=None, raw_overrides=None) -> Path:
     return path
 
 
-def our_logits(loaded, ids, split: int | None = None, page_size: int = 16) -> np.ndarray:
+def our_logits(loaded, ids, split: int | None = None, page_size: int = 16, attention_impl: str = "xla") -> np.ndarray:
     """Logits [T, vocab] from jaxserve's forward over the paged cache, for one sequence. With `split`,
     the first `split` tokens are prefilled and the rest fed one at a time through the KV pages, which
-    must give the same numbers."""
+    must give the same numbers. attention_impl: see jaxserve.ops.backends.attention_impl."""
     import jax.numpy as jnp
 
     from jaxserve.models import AttentionMetadata, empty_kv_pages, forward, logits
@@ -174,7 +174,7 @@ def our_logits(loaded, ids, split: int | None = None, page_size: int = 16) -> np
             kv_lens=jnp.asarray([start + len(chunk)], jnp.int32), page_tables=jnp.asarray(pages[None]),
             cu_q_lens=jnp.asarray([0, len(chunk)], jnp.int32), num_seqs=jnp.asarray(1, jnp.int32))
         hidden, kv = forward(loaded.graphdef, loaded.params, kv, jnp.asarray(chunk, jnp.int32),
-                             jnp.asarray(positions), meta)
+                             jnp.asarray(positions), meta, attention_impl)
         out.append(np.asarray(logits(loaded.graphdef, loaded.params, hidden)))
         start += len(chunk)
     return np.concatenate(out)

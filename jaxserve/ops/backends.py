@@ -23,11 +23,15 @@ def resolve_attention_backend(name: str = "auto", platform: str | None = None) -
 
 
 def attention_impl(impl: str):
-    """The function with the contract's signature for a resolved implementation name."""
+    """The function with the contract's signature for an implementation name: xla | tpu | gpu, or
+    tpu-interpret | gpu-interpret (the kernels interpreted on CPU, for tests)."""
     if impl == "xla":
         return ragged_paged_attention_xla
-    if impl == "tpu":
+    if impl.startswith("tpu"):
+        from jax.experimental.pallas import tpu as pltpu
+
         from pallas_kernels.ragged_paged_attention.tpu import ragged_paged_attention_tpu
-        return ragged_paged_attention_tpu
+        return functools.partial(ragged_paged_attention_tpu,
+                                 interpret=pltpu.InterpretParams() if impl == "tpu-interpret" else None)
     from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu
     return functools.partial(ragged_paged_attention_gpu, interpret=impl == "gpu-interpret")
