@@ -59,6 +59,11 @@ def copy_bandwidth(nbytes: int, iters: int) -> float:
     return 2 * nbytes * iters / (time.perf_counter() - t0)
 
 
+def _float_codes(x, f):
+    """bfloat16 / fp8 page codes (their bits) of x."""
+    return jax.lax.bitcast_convert_type(x.astype(f.bits_of), f.codes_dtype)
+
+
 def random_pages(key, fmt, num_pages: int, kvh: int, d: int) -> KVPages:
     """One layer of random pages in `fmt` (finite codes and positive scales)."""
     f = FORMATS[fmt]
@@ -71,7 +76,8 @@ def random_pages(key, fmt, num_pages: int, kvh: int, d: int) -> KVPages:
         if fmt == "int8":
             return jax.random.randint(k, shape, -127, 128, jnp.int32).astype(jnp.int8)
         scale = 100.0 if fmt == "fp8" else 1.0
-        return (jax.random.normal(k, shape, jnp.float32) * scale).astype(f.codes_dtype)
+        x = jax.random.normal(k, shape, jnp.float32) * scale
+        return x if fmt == "float32" else _float_codes(x, f)
 
     def scales(k):
         if f.group is None:

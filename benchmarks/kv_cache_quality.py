@@ -39,7 +39,10 @@ def measure(model, dtype: str, ids, ctx: int, memory: int, budget: int) -> dict:
     start = time.perf_counter()
     ppl = perplexity(llm.engine, ids, ctx, progress=False)
     seconds = time.perf_counter() - start
+    start = time.perf_counter()
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
+    print(f"{dtype}: perplexity {ppl.perplexity:.4f} in {seconds:.0f} s, greedy in {time.perf_counter() - start:.0f} s",
+          flush=True)
     return {"kv_cache_dtype": dtype, "format": llm.engine.kv_format.name, "perplexity": ppl.perplexity,
             "scored_tokens": ppl.tokens, "seconds": seconds, "cached_tokens": llm.engine.max_cached_tokens,
             "greedy": [o.token_ids for o in outs]}
@@ -64,8 +67,9 @@ def main():
 
     model = load_model(args.model, progress=False)
     ids = model.tokenizer.encode(TEXT.read_text())
-    rows = {d: measure(model, d, ids, args.ctx, args.kv_cache_memory, args.max_num_batched_tokens)
-            for d in args.dtypes}
+    rows = {}
+    for d in args.dtypes:
+        rows[d] = measure(model, d, ids, args.ctx, args.kv_cache_memory, args.max_num_batched_tokens)
     base, bf16 = rows[args.dtypes[0]], rows.get("bfloat16")
     print(f"{len(ids)} tokens of {TEXT.name}, windows of {args.ctx}, {args.kv_cache_memory / 2**30:.2f} GiB KV")
     print(f"{'kv dtype':10} {'ppl':>8} {'vs base':>8} {'greedy agree':>12} {'same of 8':>9} "

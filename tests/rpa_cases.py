@@ -63,7 +63,7 @@ def make_case(seed: int, fmt: str, q_lens, kv_lens, *, page_size=16, head_dim=64
 
 def _quantize_pages(k, v, f) -> KVPages:
     if not f.quantized:
-        return KVPages(k.astype(f.codes_dtype), v.astype(f.codes_dtype))
+        return KVPages(quantize(k, None, f)[0], quantize(v, None, f)[0])
     k_chan = channel_scales(jnp.abs(rotate(k, f)).max(axis=(1, 2)), f)  # [layers, kv_heads, head_dim]
     v_chan = channel_scales(jnp.abs(rotate(v, f)).max(axis=(1, 2)), f)
 

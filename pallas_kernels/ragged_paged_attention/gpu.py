@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.kv_quant import KVFormat, KVPages
+from pallas_kernels.kv_quant import KVFormat, KVPages, decode_float_codes
 from pallas_kernels.ragged_paged_attention.common import fold_query, unfold_output
 
 TARGET_PROGRAMS = 528  # ~4 per SM of an H100 (132 SMs): enough splits to fill the GPU
@@ -85,7 +85,8 @@ def _kv_parts(codes_ref, scales_ref, layer, pages, head, fmt: KVFormat):
     codes = codes_ref[layer, pages, :, head, :]  # [pages_per_block, page_size, D or D/2]
     codes = codes.reshape(codes.shape[0] * codes.shape[1], codes.shape[2])
     if not fmt.packed:
-        return [[codes if codes.dtype in (jnp.float32, jnp.bfloat16) else codes.astype(jnp.bfloat16)]]
+        vals = decode_float_codes(codes, fmt)  # bfloat16 / fp8 pages hold bits
+        return [[vals if vals.dtype in (jnp.float32, jnp.bfloat16) else vals.astype(jnp.bfloat16)]]
     c = codes.astype(jnp.int32)
     if fmt.name == "int4":  # signed nibbles: shift the low one up, then arithmetic shifts down
         halves = [lax.shift_right_arithmetic(c << 28, 28), lax.shift_right_arithmetic(c, 4)]
