@@ -83,7 +83,8 @@ def random_pages(key, fmt, num_pages: int, kvh: int, d: int) -> KVPages:
         if f.group is None:
             return None
         top = 1.0 if fmt == "int4" else 8.0
-        return jax.random.uniform(k, shape[:-1] + (d // f.group,), jnp.float32, 0.01, top).astype(f.scale_dtype)
+        s = jax.random.uniform(k, shape[:-1] + (d // f.group,), jnp.float32, 0.01, top).astype(f.scale_bits_of)
+        return jax.lax.bitcast_convert_type(s, f.scale_dtype)
 
     chan = (jax.random.uniform(k5, (1, kvh, d), jnp.float32, 0.001, 0.01) if f.quantized else None)
     return KVPages(codes(k1), codes(k2), scales(k3), scales(k4), chan, chan)

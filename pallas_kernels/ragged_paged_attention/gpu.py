@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.kv_quant import KVFormat, KVPages, decode_float_codes
+from pallas_kernels.kv_quant import KVFormat, KVPages, decode_float_codes, decode_scales
 from pallas_kernels.ragged_paged_attention.common import fold_query, unfold_output
 
 TARGET_PROGRAMS = 528  # ~4 per SM of an H100 (132 SMs): enough splits to fill the GPU
@@ -96,7 +96,7 @@ def _kv_parts(codes_ref, scales_ref, layer, pages, head, fmt: KVFormat):
     ng = scales_ref.shape[-1] // 2  # block scales per half
     out = []
     for j, vals in enumerate(halves):
-        s = scales_ref[layer, pages, :, head, pl.ds(j * ng, ng)].astype(jnp.float32) * unit
+        s = decode_scales(scales_ref[layer, pages, :, head, pl.ds(j * ng, ng)], fmt) * unit
         s = s.reshape(vals.shape[0], ng, 1)
         s = jnp.broadcast_to(s, (vals.shape[0], ng, fmt.group)).reshape(vals.shape)
         out.append(split_bf16(vals * s, 2 if fmt.name == "int4" else 1))
