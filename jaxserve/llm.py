@@ -9,6 +9,7 @@ from jaxserve.checkpoint import LoadedModel, load_model
 from jaxserve.checkpoint.registry import DEFAULT_MODEL
 from jaxserve.engine.engine import Engine, EngineConfig, Usage
 from jaxserve.errors import InvalidRequestError
+from jaxserve.parallel import param_shardings, single_engine_mesh
 from jaxserve.sampling_params import SamplingParams
 
 Prompt = Union[str, Sequence[int]]
@@ -39,10 +40,14 @@ class LLM:
     e.g. LLM("smollm2-135m", kv_cache_memory=2 << 30, max_num_seqs=32)."""
 
     def __init__(self, model: str | LoadedModel = DEFAULT_MODEL, dtype: str = "auto", progress: bool = True,
-                 **engine_options):
-        """model: a known name, a checkpoint path, or an already loaded model (shared, not copied)."""
-        loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, progress=progress)
-        self.engine = Engine(loaded, EngineConfig(**engine_options))
+                 mesh=None, **engine_options):
+        """model: a known name, a checkpoint path, or an already loaded model (shared, not copied).
+        mesh: None (one device), a jax Mesh with axis "tp", or text such as "tp=2" (jaxserve.parallel)."""
+        mesh = single_engine_mesh(mesh)
+        shardings = None if mesh is None else (lambda cfg: param_shardings(cfg, mesh))
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, progress=progress,
+                                                                         shardings=shardings)
+        self.engine = Engine(loaded, EngineConfig(**engine_options), mesh)
         self.tokenizer = self.engine.tokenizer
         self.config = self.engine.model.config
 

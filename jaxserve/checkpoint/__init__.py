@@ -87,6 +87,8 @@ def _abstract_params(cfg: ModelConfig, dtype: str, shardings):
     graphdef, state = abstract_model(cfg, jnp.dtype(dtype))
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     pure = nnx.to_pure_dict(state)
+    if callable(shardings):  # built from the config, e.g. lambda cfg: param_shardings(cfg, mesh)
+        shardings = shardings(cfg)
     if shardings is None:
         shardings = jax.tree.map(lambda _: default, pure)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), pure, shardings)
@@ -95,7 +97,8 @@ def _abstract_params(cfg: ModelConfig, dtype: str, shardings):
 
 def load_model(model: str | Path, dtype: str = "auto", shardings=None, progress: bool = True) -> LoadedModel:
     """Loads a named default model or a local checkpoint. `shardings`: optional pytree of
-    jax.sharding.Sharding matching the params' pure dict; default is the first device."""
+    jax.sharding.Sharding matching the params' pure dict, or a function of the ModelConfig returning
+    one (jaxserve.parallel.param_shardings); default is the first device."""
     dtype = resolve_dtype(dtype)
     path = resolve_model(str(model), progress=progress)
     fmt = checkpoint_format(path)

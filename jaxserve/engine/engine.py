@@ -11,6 +11,8 @@ import dataclasses
 import itertools
 import logging
 
+from jax.sharding import Mesh
+
 from jaxserve.checkpoint import LoadedModel
 from jaxserve.engine.block_manager import BlockManager
 from jaxserve.engine.detokenizer import IncrementalDetokenizer
@@ -19,6 +21,7 @@ from jaxserve.engine.runner import ModelRunner, RunnerOutput, SampledToken
 from jaxserve.engine.scheduler import Scheduler
 from jaxserve.errors import InvalidRequestError
 from jaxserve.ops.backends import resolve_attention_backend
+from jaxserve.parallel import check_engine_mesh, log_placement, num_shards, shard_params
 from jaxserve.sampling_params import SamplingParams
 from pallas_kernels.kv_quant import KVFormat, bytes_per_page, kv_format
 
@@ -30,7 +33,7 @@ DEFAULT_KV_CACHE_MEMORY = 1 << 30
 class EngineConfig:
     page_size: int = 16
     num_pages: int | None = None          # wins over kv_cache_memory when set
-    kv_cache_memory: int | None = None    # bytes for KV pages; default 1 GiB
+    kv_cache_memory: int | None = None    # bytes for KV pages per device; default 1 GiB
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512     # token budget per step (prefill chunks + decodes)
     max_model_len: int | None = None      # default: the model's context length
@@ -57,31 +60,41 @@ class RequestDelta:
     usage: Usage
     logprobs: tuple[SampledToken, ...] | None = None
     prompt_logprobs: tuple[float | None, ...] | None = None  # with the first token: one per prompt token, first None
+    queue_time: float | None = None    # on the finished delta: seconds from arrival to first scheduled
 
 
-def kv_bytes_per_page(model: LoadedModel, page_size: int, fmt: KVFormat) -> int:
-    """Real bytes of one page (all layers, keys and values) in format `fmt`."""
+def kv_bytes_per_page(model: LoadedModel, page_size: int, fmt: KVFormat, mesh=None) -> int:
+    """Real bytes of one page (all layers, keys and values) in format `fmt` on each device: a mesh
+    that splits the kv heads splits every page."""
     cfg = model.config
-    return bytes_per_page(fmt, cfg.num_layers, page_size, cfg.num_kv_heads, cfg.head_dim)
+    heads = cfg.num_kv_heads // num_shards("kv_heads", cfg, mesh)
+    return bytes_per_page(fmt, cfg.num_layers, page_size, heads, cfg.head_dim)
 
 
 class Engine:
-    def __init__(self, model: LoadedModel, config: EngineConfig = EngineConfig()):
-        self.model, self.config, self.tokenizer = model, config, model.tokenizer
+    """mesh: None (one device) or a tensor-parallel jax Mesh with axis "tp" (jaxserve.parallel);
+    the model's params are placed on it unless they already are."""
+
+    def __init__(self, model: LoadedModel, config: EngineConfig = EngineConfig(), mesh: Mesh | None = None):
+        if mesh is not None:
+            check_engine_mesh(mesh)
+            log_placement(model.config, mesh)
+            model = shard_params(model, mesh)
+        self.model, self.config, self.tokenizer, self.mesh = model, config, model.tokenizer, mesh
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         self.kv_format = kv_format(config.kv_cache_dtype, model.dtype)
         self.attention_impl = resolve_attention_backend(config.attention_backend)
-        page_bytes = kv_bytes_per_page(model, config.page_size, self.kv_format)
+        page_bytes = kv_bytes_per_page(model, config.page_size, self.kv_format, mesh)
         memory = config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
         num_pages = config.num_pages or max(2, memory // page_bytes)
         self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        log.info("KV cache: %s, page size %d, %d pages (%.1f MiB), at most %d cached tokens; attention: %s",
+        log.info("KV cache: %s, page size %d, %d pages (%.1f MiB per device), at most %d cached tokens; attention: %s",
                  self.kv_format.name, config.page_size, num_pages, num_pages * page_bytes / 2**20,
                  self.max_cached_tokens, self.attention_impl)
         self.runner = ModelRunner(model, num_pages, config.page_size, config.max_num_seqs,
                                   config.max_num_batched_tokens, self.max_model_len, self.kv_format,
-                                  self.attention_impl)
+                                  self.attention_impl, mesh)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else ())
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._aborted: list[Request] = []
@@ -170,8 +183,11 @@ class Engine:
             self._detokenizers.pop(request.request_id, None)
         usage = Usage(request.num_prompt_tokens, len(request.output_token_ids), request.num_cached_tokens)
         logprobs = (sampled,) if sampled is not None and request.params.logprobs is not None else None
+        queue_time = None
+        if request.is_finished and request.first_scheduled_time is not None:
+            queue_time = request.first_scheduled_time - request.arrival_time
         return RequestDelta(request.request_id, tuple(tokens), text, request.is_finished,
-                            request.finish_reason, usage, logprobs, self._take_prompt_logprobs(request))
+                            request.finish_reason, usage, logprobs, self._take_prompt_logprobs(request), queue_time)
 
     def _take_prompt_logprobs(self, request: Request):
         scores = self._prompt_logprobs.pop(request.request_id, None)

@@ -32,15 +32,16 @@ def calibration_tokens(model: LoadedModel) -> list[int]:
     return list(ids)[:MAX_CALIBRATION_TOKENS]
 
 
-def _calibration_pass(graphdef, fmt: KVFormat, params, kv, tokens, meta):
-    _, kv = forward(graphdef, params, kv, tokens, jnp.arange(tokens.shape[0], dtype=jnp.int32), meta)
+def _calibration_pass(graphdef, fmt: KVFormat, heads, params, kv, tokens, meta):
+    _, kv = forward(graphdef, params, kv, tokens, jnp.arange(tokens.shape[0], dtype=jnp.int32), meta, "xla", heads)
     # Pages of a quantized format hold rotated values, so the scales are of rotated values too.
     return (jnp.abs(rotate(kv.k, fmt)).max(axis=(1, 2)),
             jnp.abs(rotate(kv.v, fmt)).max(axis=(1, 2)))  # [layers, kv_heads, head_dim]
 
 
-def calibrate(model: LoadedModel, fmt: KVFormat):
-    """-> (k_chan, v_chan) float32 [layers, kv_heads, head_dim] channel scales for `fmt`."""
+def calibrate(model: LoadedModel, fmt: KVFormat, heads=None):
+    """-> (k_chan, v_chan) float32 [layers, kv_heads, head_dim] channel scales for `fmt`.
+    heads: how attention splits over the model's mesh (jaxserve.parallel.head_parallel), or None."""
     ids = calibration_tokens(model)
     n = len(ids)
     pages = -(-n // _PAGE)
@@ -51,8 +52,8 @@ def calibrate(model: LoadedModel, fmt: KVFormat):
         kv_lens=jnp.asarray([n], jnp.int32), page_tables=jnp.asarray(table[None]),
         cu_q_lens=jnp.asarray([0, n], jnp.int32), num_seqs=jnp.asarray(1, jnp.int32))
     kv = empty_kv_pages(model.config, FORMATS["float32"], pages + 1, _PAGE)
-    k_max, v_max = jax.jit(_calibration_pass, static_argnums=(0, 1))(
-        model.graphdef, fmt, model.params, kv, jnp.asarray(ids, jnp.int32), meta)
+    k_max, v_max = jax.jit(_calibration_pass, static_argnums=(0, 1, 2))(
+        model.graphdef, fmt, heads, model.params, kv, jnp.asarray(ids, jnp.int32), meta)
     log.info("KV %s channel scales calibrated on %d tokens (|k| max %.1f, |v| max %.1f)",
              fmt.name, n, float(k_max.max()), float(v_max.max()))
     return channel_scales(k_max, fmt), channel_scales(v_max, fmt)

@@ -40,6 +40,7 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     priority: int = 0  # lower value is served first; arrival order breaks ties
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None  # set by the scheduler at first admission (queue time)
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     # Tokens whose KV is in the request's pages. Reset to 0 by preemption (recompute).
     num_computed_tokens: int = 0

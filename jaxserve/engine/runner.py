@@ -8,6 +8,7 @@ recompilation counter (`compile_count`), which tests assert stays flat after war
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import NamedTuple
 
@@ -20,6 +21,8 @@ from jaxserve.engine.kv_calibration import calibrate
 from jaxserve.engine.sampler import (MAX_LOGPROBS, PenaltyState, SamplingInputs, record_tokens, sample,
                                      set_penalty_row)
 from jaxserve.models import AttentionMetadata, KVPages, empty_kv_pages, forward, logits
+from jaxserve.ops.head_parallel import HeadParallel
+from jaxserve.parallel import head_parallel, kv_shardings, replicated
 from pallas_kernels.kv_quant import KVFormat
 
 log = logging.getLogger(__name__)
@@ -44,11 +47,13 @@ class StepBatch(NamedTuple):
     prompt_targets: jax.Array  # [T] the next prompt token after each token (scoring steps only)
 
 
-def _step(graphdef, attention_impl: str, score: bool, params, state: RunnerState, batch: StepBatch):
+def _step(graphdef, attention_impl: str, heads: HeadParallel | None, score: bool, params, state: RunnerState,
+          batch: StepBatch):
     """One engine step. With `score`, also the log-probability [T] of each token's prompt target
     (a variant compiled on first use: it needs logits for every token, not just the last ones)."""
     penalties = record_tokens(state.penalties, batch.token_slots, batch.tokens, batch.is_output)
-    hidden, kv = forward(graphdef, params, state.kv, batch.tokens, batch.positions, batch.meta, attention_impl)
+    hidden, kv = forward(graphdef, params, state.kv, batch.tokens, batch.positions, batch.meta, attention_impl,
+                         heads)
     last = hidden[batch.logits_indices]  # [B, D]
     packed = sample(logits(graphdef, params, last), batch.sampling, penalties, batch.want_logprobs)
     scores = None
@@ -80,31 +85,64 @@ def token_buckets(max_tokens: int) -> list[int]:
     return buckets + [max(max_tokens, MIN_BUCKET)]
 
 
+def _initial_state(cfg, fmt: KVFormat, num_pages: int, page_size: int, max_num_seqs: int, k_chan, v_chan):
+    vocab = cfg.vocab_size
+    return RunnerState(empty_kv_pages(cfg, fmt, num_pages, page_size, k_chan, v_chan),
+                       PenaltyState(jnp.zeros((max_num_seqs, vocab), jnp.int8),
+                                    jnp.zeros((max_num_seqs, vocab), jnp.int32)))
+
+
+def _shardings_of(tree):
+    return jax.tree.map(lambda a: a.sharding, tree)
+
+
 class ModelRunner:
+    """mesh: None (one device) or the engine's tensor-parallel mesh; the model's params must already
+    be placed on it (jaxserve.parallel.shard_params), and the runner places its own state."""
+
     def __init__(self, model: LoadedModel, num_pages: int, page_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int, kv_format: KVFormat, attention_impl: str = "xla"):
+                 max_num_batched_tokens: int, max_model_len: int, kv_format: KVFormat, attention_impl: str = "xla",
+                 mesh=None):
         self.model, self.page_size, self.max_num_seqs = model, page_size, max_num_seqs
-        self.attention_impl = attention_impl
+        self.attention_impl, self.mesh = attention_impl, mesh
+        self.heads = head_parallel(model.config, mesh)
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.buckets = token_buckets(max_num_batched_tokens)
-        vocab = model.config.vocab_size
-        chans = calibrate(model, kv_format) if kv_format.quantized else (None, None)
-        self.state = RunnerState(
-            empty_kv_pages(model.config, kv_format, num_pages, page_size, *chans),
-            PenaltyState(jnp.zeros((max_num_seqs, vocab), jnp.int8), jnp.zeros((max_num_seqs, vocab), jnp.int32)))
+        chans = calibrate(model, kv_format, self.heads) if kv_format.quantized else (None, None)
+        make = functools.partial(_initial_state, model.config, kv_format, num_pages, page_size, max_num_seqs)
+        self.state = self._place_state(make, *chans)
         self.free_slots = list(range(max_num_seqs))[::-1]
         self.slots: dict[str, int] = {}
         self.compile_count = 0
         self._compiled = {}
-        self._set_row = jax.jit(set_penalty_row, donate_argnums=0)
+        keep = {} if mesh is None else {"out_shardings": _shardings_of(self.state.penalties)}
+        self._set_row = jax.jit(set_penalty_row, donate_argnums=0, **keep)
         for t in self.buckets:
             self._compile(t, score=False)
 
+    def _state_shardings(self, state: RunnerState) -> RunnerState:
+        """KV pages split by the axis table; penalty tables replicated."""
+        return RunnerState(kv_shardings(self.model.config, self.mesh, state.kv),
+                           jax.tree.map(lambda _: replicated(self.mesh), state.penalties))
+
+    def _place_state(self, make, *args) -> RunnerState:
+        """Builds the state straight into its shardings (never whole on one device)."""
+        if self.mesh is None:
+            return make(*args)
+        shardings = self._state_shardings(jax.eval_shape(make, *args))
+        return jax.jit(make, out_shardings=shardings)(*args)
+
+    def _host_shape(self, a) -> jax.ShapeDtypeStruct:
+        sharding = None if self.mesh is None else replicated(self.mesh)
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+
     def _compile(self, t: int, score: bool):
-        batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self._host_batch([], t))
-        jitted = jax.jit(_step, static_argnums=(0, 1, 2), donate_argnums=4)
-        self._compiled[t, score] = jitted.lower(self.model.graphdef, self.attention_impl, score, self.model.params,
-                                                self.state, batch).compile()
+        batch = jax.tree.map(self._host_shape, self._host_batch([], t))
+        # (sampled, scores) replicated for the host copy; the donated state stays where it is (buffers reused)
+        placement = {} if self.mesh is None else {"out_shardings": (replicated(self.mesh), _shardings_of(self.state))}
+        jitted = jax.jit(_step, static_argnums=(0, 1, 2, 3), donate_argnums=5, **placement)
+        self._compiled[t, score] = jitted.lower(self.model.graphdef, self.attention_impl, self.heads, score,
+                                                self.model.params, self.state, batch).compile()
         self.compile_count += 1
 
     def bucket_for(self, num_tokens: int) -> int:

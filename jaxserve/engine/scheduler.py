@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import random
+import time
 
 from jaxserve.engine.block_manager import BlockManager
 from jaxserve.engine.request import Request, RequestStatus
@@ -194,6 +195,8 @@ class Scheduler:
                 break
             self.waiting.pop(0)
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             bisect.insort(self.running, request, key=_queue_key)
             chunks.append(self._make_chunk(request, num_new, admitted=True))
             budget -= num_new

@@ -22,9 +22,11 @@ def param_specs(cfg: ModelConfig) -> dict:
     return {**top_param_specs(cfg), "layers": layer_param_specs(cfg)}
 
 
-def forward(graphdef, state, kv: KVPages, tokens, positions, meta: AttentionMetadata, attention_impl: str = "xla"):
-    """Pure forward over a flat token batch: hidden states [T, D] and the updated cache."""
-    return nnx.merge(graphdef, state)(tokens, positions, kv, meta, attention_impl)
+def forward(graphdef, state, kv: KVPages, tokens, positions, meta: AttentionMetadata, attention_impl: str = "xla",
+            head_parallel=None):
+    """Pure forward over a flat token batch: hidden states [T, D] and the updated cache.
+    head_parallel: None on one device, else how attention splits over the mesh (jaxserve.parallel)."""
+    return nnx.merge(graphdef, state)(tokens, positions, kv, meta, attention_impl, head_parallel)
 
 
 def logits(graphdef, state, hidden):

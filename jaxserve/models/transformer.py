@@ -17,6 +17,7 @@ from jaxserve.config import ModelConfig
 from jaxserve.models import layers as L
 from jaxserve.ops.attention import AttentionPlan, attend, plan_attention, write_kv
 from jaxserve.ops.backends import attention_impl
+from jaxserve.ops.head_parallel import HeadParallel
 from pallas_kernels.kv_quant import KVFormat, KVPages
 
 
@@ -117,8 +118,21 @@ def attention(q, kv: KVPages, layer, meta: AttentionMetadata, plan: AttentionPla
     return attention_impl(impl)(q, kv, layer, meta.kv_lens, meta.page_tables, meta.cu_q_lens, meta.num_seqs, **opts)
 
 
+def cache_and_attend(q, k, v, kv: KVPages, layer, meta: AttentionMetadata, plan: AttentionPlan | None,
+                     impl: str, cfg: ModelConfig, heads: HeadParallel | None):
+    """Writes the layer's new k, v [T, kv_heads, head_dim] to the cache and attends with q [T, heads,
+    head_dim]. Over a mesh (`heads`), each device does this for its own kv heads."""
+    def run(q, k, v, kv, layer, meta, plan):
+        kv = write_kv(kv, layer, k, v, meta.slot_mapping)
+        return attention(q, kv, layer, meta, plan, impl, cfg), kv
+
+    if heads is None:
+        return run(q, k, v, kv, layer, meta, plan)
+    return heads(run, q, k, v, kv, layer, meta, plan)
+
+
 def decoder_layer(p: dict, x, kv: KVPages, layer, rope, meta: AttentionMetadata, plan: AttentionPlan | None,
-                  impl: str, cfg: ModelConfig):
+                  impl: str, cfg: ModelConfig, heads: HeadParallel | None = None):
     """One layer over a flat token batch. x [T, D]; kv holds every layer's pages; `layer` picks ours."""
     t = x.shape[0]
     h = L.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
@@ -133,8 +147,7 @@ def decoder_layer(p: dict, x, kv: KVPages, layer, rope, meta: AttentionMetadata,
         k = L.rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
     cos, sin = rope
     q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
-    kv = write_kv(kv, layer, k, v, meta.slot_mapping)
-    attn = attention(q, kv, layer, meta, plan, impl, cfg)
+    attn, kv = cache_and_attend(q, k, v, kv, layer, meta, plan, impl, cfg, heads)
     attn = attn.reshape(t, cfg.num_heads * cfg.head_dim) @ p["wo"]
     if cfg.o_bias:
         attn = attn + p["bo"]
@@ -150,7 +163,7 @@ class DecoderStack(nnx.Module):
         self.cfg = cfg
         _make_params(self, layer_param_specs(cfg), rngs, dtype)
 
-    def __call__(self, x, kv: KVPages, rope, meta: AttentionMetadata, impl: str):
+    def __call__(self, x, kv: KVPages, rope, meta: AttentionMetadata, impl: str, heads: HeadParallel | None):
         stacked = {name: getattr(self, name)[...] for name in layer_param_specs(self.cfg)}
         plan = None if impl != "xla" else plan_attention(meta.kv_lens, meta.page_tables, meta.cu_q_lens,
                                                          meta.num_seqs, x.shape[0])
@@ -158,7 +171,7 @@ class DecoderStack(nnx.Module):
         def body(carry, xs):
             x, kv = carry
             p, layer = xs
-            return decoder_layer(p, x, kv, layer, rope, meta, plan, impl, self.cfg), None
+            return decoder_layer(p, x, kv, layer, rope, meta, plan, impl, self.cfg, heads), None
 
         layers = jnp.arange(self.cfg.num_layers)
         (x, kv), _ = jax.lax.scan(body, (x, kv), (stacked, layers))
@@ -171,12 +184,14 @@ class Transformer(nnx.Module):
         _make_params(self, top_param_specs(cfg), rngs, dtype)
         self.layers = DecoderStack(cfg, rngs, dtype)
 
-    def __call__(self, tokens, positions, kv: KVPages, meta: AttentionMetadata, attention_impl: str = "xla"):
+    def __call__(self, tokens, positions, kv: KVPages, meta: AttentionMetadata, attention_impl: str = "xla",
+                 head_parallel: HeadParallel | None = None):
         """tokens, positions [T] int32 -> hidden states [T, D] (final norm applied), new cache.
-        attention_impl: xla | tpu | gpu | gpu-interpret (jaxserve.ops.backends)."""
+        attention_impl: xla | tpu | gpu | gpu-interpret (jaxserve.ops.backends); head_parallel: how
+        attention splits over a mesh (jaxserve.parallel.head_parallel), None on one device."""
         x = self.embed[...][tokens]
         rope = L.rope_cos_sin(positions, L.rope_inv_freq(self.cfg))  # inv_freq: a compile-time constant
-        x, kv = self.layers(x, kv, rope, meta, attention_impl)
+        x, kv = self.layers(x, kv, rope, meta, attention_impl, head_parallel)
         return L.rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps), kv
 
     def logits(self, hidden):
