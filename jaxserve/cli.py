@@ -1,4 +1,5 @@
-"""`jaxserve` command line: generate | perplexity | convert. Bad input ends in one line on stderr and exit 1."""
+"""`jaxserve` command line: generate | perplexity | convert | serve | request.
+Bad input ends in one line on stderr and exit 1."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,7 @@ import logging
 import os
 import sys
 
+from jaxserve import cli_server
 from jaxserve.errors import JaxServeError
 
 
@@ -22,6 +24,13 @@ def _add_generate(sub):
     p.add_argument("--model", default="smollm2-135m", help="a known name (smollm2-135m) or a checkpoint path")
     p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    _add_sampling_options(p)
+    p.add_argument("--json", action="store_true", help='print {"text", "token_ids", "finish_reason"} per prompt')
+    _add_engine_options(p)
+    p.set_defaults(run=_run_generate)
+
+
+def _add_sampling_options(p):
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -29,9 +38,11 @@ def _add_generate(sub):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--json", action="store_true", help='print {"text", "token_ids", "finish_reason"} per prompt')
-    _add_engine_options(p)
-    p.set_defaults(run=_run_generate)
+
+
+def _sampling_options(args) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
 
 
 def _add_engine_options(p):
@@ -84,15 +95,15 @@ def _enable_compilation_cache():
 
     from jaxserve.checkpoint.registry import cache_dir
 
-    jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR", str(cache_dir() / "xla")))
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(cache_dir() / "xla"))
+    jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def _run_generate(args):
     from jaxserve import LLM, SamplingParams  # jax is imported only once arguments are known good
 
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+    params = SamplingParams(**_sampling_options(args))
     _enable_compilation_cache()
     llm = LLM(args.model, dtype=args.dtype, **_engine_options(args))
     if args.chat:
@@ -140,6 +151,8 @@ def main(argv=None) -> int:
     _add_generate(sub)
     _add_perplexity(sub)
     _add_convert(sub)
+    cli_server.add_serve(sub, _add_engine_options)
+    cli_server.add_request(sub, _add_sampling_options)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

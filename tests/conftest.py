@@ -30,3 +30,18 @@ def smollm2_llm(smollm2_gguf):
     from jaxserve import LLM
 
     return LLM(str(smollm2_gguf), progress=False)
+
+
+# The shared server: 8 running + 56 queued = room for exactly 64 requests in flight.
+SERVER_ARGS = ("--max-num-seqs", "8", "--max-queued-requests", "56", "--max-num-batched-tokens", "64",
+               "--kv-cache-memory", "256M", "--max-model-len", "512")
+
+
+@pytest.fixture(scope="session")
+def grpc_server(smollm2_gguf):
+    """A real `jaxserve serve` process on localhost serving SmolLM2-135M."""
+    from server_process import ServerProcess
+
+    server = ServerProcess(str(smollm2_gguf), *SERVER_ARGS)
+    yield server
+    server.stop()

@@ -1,0 +1,168 @@
+"""The jaxserve.v1.JaxServe servicer (grpc.aio): requests in, engine deltas out as a stream.
+
+Each Generate call holds its request inside `pool.generate(...)`: whatever ends the call early
+(client cancel or disconnect, deadline, server drain) leaves that block and aborts the request,
+which frees its KV pages. Errors map to gRPC codes and never reach other requests.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+
+import grpc
+
+from jaxserve import __version__
+from jaxserve.errors import InvalidRequestError
+from jaxserve.server import protocol
+from jaxserve.server.metrics import ServerMetrics
+from jaxserve.server.pool import DuplicateRequestError, EnginePool, QueueFullError
+from jaxserve.v1 import jaxserve_pb2 as pb
+from jaxserve.v1 import jaxserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingInfo:
+    """Facts about the deployment that GetModelInfo / GetServerInfo report."""
+    model_name: str
+    platform: str
+    mesh: str
+    num_devices: int
+    max_queued_requests: int
+
+
+class _RequestClock:
+    """Server-side timings of one request (monotonic seconds since arrival)."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics, self.arrival = metrics, time.monotonic()
+        self.first_token = self.last_token = None
+
+    def on_tokens(self) -> None:
+        now = time.monotonic()
+        if self.first_token is None:
+            self.first_token = now
+            self.metrics.ttft.observe(now - self.arrival)
+        else:
+            self.metrics.itl.observe(now - self.last_token)
+        self.last_token = now
+
+    def timings(self, queue_time: float | None) -> pb.Timings:
+        now = time.monotonic()
+        return pb.Timings(queue_time_s=queue_time or 0.0, e2e_s=now - self.arrival,
+                          ttft_s=(self.first_token or now) - self.arrival)
+
+
+class JaxServeService(pb_grpc.JaxServeServicer):
+    def __init__(self, pool: EnginePool, info: ServingInfo, metrics: ServerMetrics):
+        self.pool, self.info, self.metrics = pool, info, metrics
+        self.engine = pool.engines[0]  # model facts are the same on every replica
+        self.tokenizer = self.engine.tokenizer
+        self.draining = False
+        self.started = time.monotonic()
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        clock = _RequestClock(self.metrics)
+        rid = request.request_id or f"req-{uuid.uuid4().hex[:16]}"
+        try:
+            if self.draining:
+                raise _Refused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            prompt = protocol.prompt_of(request, self.tokenizer)
+            params = protocol.sampling_params(request.sampling)
+            async with asyncio.timeout(context.time_remaining()):
+                async with self.pool.generate(prompt, params, rid, request.priority) as deltas:
+                    async for delta in deltas:
+                        yield self._response(delta, clock)
+        except InvalidRequestError as e:
+            await self._fail(context, rid, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except DuplicateRequestError as e:
+            await self._fail(context, rid, grpc.StatusCode.ALREADY_EXISTS, str(e))
+        except QueueFullError as e:
+            await self._fail(context, rid, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except _Refused as e:
+            await self._fail(context, rid, e.code, e.message)
+        except TimeoutError:
+            await self._fail(context, rid, grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"deadline exceeded after {time.monotonic() - clock.arrival:.3f} s; request aborted")
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0.05 else "CANCELLED"
+            log.info("request %s ended by the client (%s); aborted", rid, code)
+            self.metrics.request_failure.labels(code=code).inc()
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an engine failure fails this request only
+            log.exception("request %s failed", rid)
+            await self._fail(context, rid, grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+    def _response(self, delta, clock: _RequestClock) -> pb.GenerateResponse:
+        if delta.new_token_ids:
+            clock.on_tokens()
+        timings = None
+        if delta.finished:
+            timings = clock.timings(delta.queue_time)
+            self.metrics.record_finish(delta.usage, delta.finish_reason, timings.e2e_s, delta.queue_time)
+            log.info("request %s finished (%s): %d prompt (%d cached) + %d tokens, ttft %.3f s, e2e %.3f s",
+                     delta.request_id, delta.finish_reason, delta.usage.prompt_tokens,
+                     delta.usage.cached_prompt_tokens, delta.usage.completion_tokens, timings.ttft_s, timings.e2e_s)
+        return protocol.generate_response(delta, timings)
+
+    async def _fail(self, context, rid: str, code: grpc.StatusCode, message: str):
+        self.metrics.request_failure.labels(code=code.name).inc()
+        log.info("request %s refused: %s %s", rid, code.name, message)
+        await context.abort(code, message)
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        tok = await self._tokenizer(context)
+        try:
+            if request.WhichOneof("input") == "chat":
+                ids = tok.encode_chat(protocol.chat_messages(request.chat))
+            else:
+                ids = tok.encode(request.text, add_special_tokens=request.add_special_tokens)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return pb.TokenizeResponse(token_ids=ids)
+
+    async def Detokenize(self, request: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:
+        tok = await self._tokenizer(context)
+        vocab = self.engine.model.config.vocab_size
+        bad = [t for t in request.token_ids if not 0 <= t < vocab]
+        if bad:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"token_ids must be in [0, {vocab}), got {bad[0]}")
+        return pb.DetokenizeResponse(text=tok.decode(list(request.token_ids), request.skip_special_tokens))
+
+    async def _tokenizer(self, context):
+        if self.tokenizer is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this model has no tokenizer")
+        return self.tokenizer
+
+    async def GetModelInfo(self, request, context) -> pb.ModelInfo:
+        return protocol.model_info(self.info.model_name, self.engine.model, self.engine.max_model_len)
+
+    async def GetServerInfo(self, request, context) -> pb.ServerInfo:
+        stats = await self.pool.stats()
+        cfg = self.engine.config
+        return pb.ServerInfo(
+            version=__version__, platform=self.info.platform, attention_backend=self.engine.attention_impl,
+            mesh=self.info.mesh, num_devices=self.info.num_devices, kv_cache_dtype=self.engine.kv_format.name,
+            page_size=cfg.page_size, pages_total=stats.pages_total, pages_free=stats.pages_free,
+            running_requests=stats.running, waiting_requests=stats.waiting, max_num_seqs=cfg.max_num_seqs,
+            max_queued_requests=self.info.max_queued_requests, uptime_s=time.monotonic() - self.started,
+            draining=self.draining)
+
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        aborted = await self.pool.abort(request.request_id)
+        log.info("abort %s: %s", request.request_id, "aborted" if aborted else "not in flight")
+        return pb.AbortResponse(aborted=aborted)
+
+
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
