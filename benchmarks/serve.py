@@ -9,7 +9,8 @@ earlier one), greedy, EOS ignored. Arrivals are Poisson at each `--request-rate`
 once), optionally capped by `--max-concurrency`. Latencies are measured on the client side. With
 `--launch` the script first runs the engine offline on the saturating run's prompts with the same
 engine options (benchmarks/throughput.py's `run_engine`), then starts the server, sweeps the rates
-and stops it; the table reports the server's output throughput at the highest rate over offline.
+and stops it, then runs the engine offline once more; the table reports the server's output
+throughput at the highest rate over the mean of the two offline runs.
 """
 from __future__ import annotations
 
@@ -59,6 +60,14 @@ def offline_baseline(args, prompts) -> dict:
                                  kv_cache_memory=kv))
     run_engine(engine, make_prompts(args.seed + 10_000, min(4, len(prompts)), args.input_len), 4)
     return {k: float(v) for k, v in run_engine(engine, prompts, args.output_len).items()}
+
+
+def run_offline(args, prompts) -> dict:
+    print("offline engine baseline ...", flush=True)
+    r = offline_baseline(args, prompts)
+    print(f"offline engine: {r['output_throughput']:.1f} out tok/s, {r['total_token_throughput']:.1f} total tok/s "
+          f"in {r['elapsed_s']:.1f}s", flush=True)
+    return r
 
 
 def launch_server(args) -> tuple[subprocess.Popen, str]:
@@ -284,12 +293,7 @@ def main(argv=None):
     args = parse_args(argv)
     prompt_sets = [make_prompts(args.seed + i, args.num_prompts, args.input_len) for i in range(len(args.request_rate))]
     top = int(np.argmax(args.request_rate))  # the saturating run: inf when swept
-    offline = None
-    if args.offline_baseline:
-        print("offline engine baseline ...", flush=True)
-        offline = offline_baseline(args, prompt_sets[top])
-        print(f"offline engine: {offline['output_throughput']:.1f} out tok/s, "
-              f"{offline['total_token_throughput']:.1f} total tok/s in {offline['elapsed_s']:.1f}s", flush=True)
+    offline_runs = [run_offline(args, prompt_sets[top])] if args.offline_baseline else []
     proc = log_path = None
     try:
         if args.launch:
@@ -299,16 +303,21 @@ def main(argv=None):
     finally:
         if proc is not None:
             print(f"server stopped (exit {stop_server(proc)})", flush=True)
+    if offline_runs:  # again after the server: the mean of both brackets machine drift
+        offline_runs.append(run_offline(args, prompt_sets[top]))
+    offline = {k: float(np.mean([r[k] for r in offline_runs])) for k in offline_runs[0]} if offline_runs else None
     ratio = runs[top]["output_throughput"] / offline["output_throughput"] if offline else None
     if ratio is not None:
         print(f"server/offline output throughput at rate {args.request_rate[top]:g}: {ratio:.3f} "
-              f"({runs[top]['output_throughput']:.1f} / {offline['output_throughput']:.1f} tok/s)")
+              f"({runs[top]['output_throughput']:.1f} / {offline['output_throughput']:.1f} tok/s, "
+              f"the mean of the offline runs before and after)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(finite({"args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                               "machine": {"platform": platform.platform(), "processor": platform.processor(),
                                           "cpus": os.cpu_count()}, "server": server_info,
-                              "offline": offline, "runs": runs, "server_over_offline": ratio}), f, indent=2)
+                              "offline": offline, "offline_runs": offline_runs, "runs": runs,
+                              "server_over_offline": ratio}), f, indent=2)
     if args.plot:
         plot(args.plot, runs, offline)
 

@@ -190,3 +190,23 @@ def test_request_cli_streams_the_answer(grpc_server, smollm2_llm):
     bad = subprocess.run(cmd[:-2] + ["--temperature", "-1"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1
     assert bad.stderr.startswith("jaxserve: error: INVALID_ARGUMENT: temperature")
+
+
+def test_async_client_mirrors_the_sync_one(grpc_server, client):
+    want = client.generate("Roses are red,", max_tokens=10, temperature=0)
+
+    async def run():
+        async with AsyncClient(grpc_server.address, timeout=120) as ac:
+            deltas = [d async for d in ac.stream("Roses are red,", max_tokens=10, temperature=0)]
+            chat = await ac.chat(CHAT, max_tokens=4, temperature=0)
+            with pytest.raises(JaxServeError) as bad:
+                await ac.generate("x", top_p=0)
+            return (deltas, chat, await ac.tokenize("Roses"), await ac.detokenize([504]), await ac.health(),
+                    await ac.model_info(), bad.value)
+
+    deltas, chat, ids, text, health, info, bad = asyncio.run(run())
+    assert [t for d in deltas for t in d.token_ids] == want.token_ids and deltas[-1].finish_reason == "length"
+    assert chat.token_ids == client.chat(CHAT, max_tokens=4, temperature=0).token_ids
+    assert ids == client.tokenize("Roses") and text == client.detokenize([504])
+    assert health == "SERVING" and info.architecture == "llama"
+    assert bad.code == grpc.StatusCode.INVALID_ARGUMENT and "top_p" in bad.message

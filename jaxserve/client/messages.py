@@ -7,6 +7,7 @@ from typing import Sequence
 
 import grpc
 
+from jaxserve.engine.request import Usage  # host-side, no jax
 from jaxserve.errors import JaxServeError as _BaseError
 from jaxserve.v1 import jaxserve_pb2 as pb
 
@@ -27,13 +28,6 @@ class JaxServeError(_BaseError):
 
 def error_from(e: grpc.RpcError) -> JaxServeError:
     return JaxServeError(e.code(), e.details() or "")
-
-
-@dataclasses.dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_prompt_tokens: int
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,6 +45,11 @@ class _Stream:
             return False
 
 
+def _put_all(items) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -176,18 +181,27 @@ class AsyncEngine:
             log.exception("engine step failed; failing %d open streams", len(self._streams))
             self._fail_all(e)
             return
-        for delta in deltas:
-            self._deliver(delta)
+        self._deliver(deltas)
 
-    def _deliver(self, delta: RequestDelta) -> None:
-        stream = self._streams.get(delta.request_id)
-        if stream is None:
-            return  # added through submit(), or its consumer left
-        if delta.finished:
-            del self._streams[delta.request_id]
-        if not stream.put(delta) and not delta.finished:
-            self._streams.pop(delta.request_id, None)
-            self.engine.abort(delta.request_id)
+    def _deliver(self, deltas: list[RequestDelta]) -> None:
+        """Hands a step's deltas to their streams: one thread-safe wake-up per event loop per step,
+        not one per request (64 streams would mean 64 self-pipe writes and loop wake-ups)."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for delta in deltas:
+            stream = self._streams.get(delta.request_id)
+            if stream is None:
+                continue  # added through submit(), or its consumer left
+            if delta.finished:
+                del self._streams[delta.request_id]
+            batches.setdefault(stream.loop, []).append((stream.queue, delta))
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the consumers' loop is closed: nobody will read these
+                for _, delta in items:
+                    if not delta.finished:
+                        self._streams.pop(delta.request_id, None)
+                        self.engine.abort(delta.request_id)
 
     def _fail_all(self, error: Exception) -> None:
         """After a failed step: every open stream gets the error; every request is aborted so the
@@ -217,8 +231,7 @@ class AsyncEngine:
         except Exception as e:  # noqa: BLE001
             self._fail_all(e)
             return
-        for delta in deltas:
-            self._deliver(delta)
+        self._deliver(deltas)
         for stream in self._streams.values():  # should be none left; never leave a consumer hanging
             stream.put(EngineDeadError("the AsyncEngine shut down"))
         self._streams.clear()

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from jaxserve.checkpoint import LoadedModel
 from jaxserve.engine.block_manager import BlockManager
 from jaxserve.engine.detokenizer import IncrementalDetokenizer
-from jaxserve.engine.request import Request, RequestStatus
+from jaxserve.engine.request import Request, RequestStatus, Usage
 from jaxserve.engine.runner import ModelRunner, RunnerOutput, SampledToken
 from jaxserve.engine.scheduler import Scheduler
 from jaxserve.errors import InvalidRequestError
@@ -40,13 +40,6 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"          # auto (the model dtype) | float32 | bfloat16 | fp8 | int8 | int4 | nvfp4
     attention_backend: str = "auto"       # auto (the platform's kernel; XLA on CPU) | xla | pallas
-
-
-@dataclasses.dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_prompt_tokens: int
 
 
 @dataclasses.dataclass(frozen=True)

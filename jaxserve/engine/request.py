@@ -32,6 +32,14 @@ _FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LE
                        RequestStatus.FINISHED_ABORTED})
 
 
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    """Token counts of one request, as every API reports them."""
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int  # prompt tokens served from the prefix cache
+
+
 @dataclasses.dataclass(eq=False)
 class Request:
     request_id: str
