@@ -144,9 +144,19 @@ def _run_convert(args):
     print(f"converted into {convert(args.src, args.dst, dtype=args.dtype)}")
 
 
+def _configure_logging(explicit: str | None, command: str) -> None:
+    """--log-level applies to everything; by default jaxserve's own loggers say INFO for serve (a
+    server narrates its events) and libraries (jax backend probing, orbax) stay at WARNING."""
+    level = (explicit or ("INFO" if command == "serve" else "WARNING")).upper()
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level if explicit else "WARNING", format=fmt)
+    logging.getLogger("jaxserve").setLevel(level)
+
+
 def main(argv=None) -> int:
     parser = _OneLineParser(prog="jaxserve", description="JAX/XLA LLM inference runtime")
-    parser.add_argument("--log-level", default=os.environ.get("JAXSERVE_LOG_LEVEL", "WARNING"))
+    parser.add_argument("--log-level", default=os.environ.get("JAXSERVE_LOG_LEVEL"),
+                        help="DEBUG | INFO | WARNING (default: INFO for serve, WARNING otherwise)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     _add_generate(sub)
     _add_perplexity(sub)
@@ -154,7 +164,7 @@ def main(argv=None) -> int:
     cli_server.add_serve(sub, _add_engine_options)
     cli_server.add_request(sub, _add_sampling_options)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(args.log_level, args.command)
     try:
         args.run(args)
     except (JaxServeError, ValueError) as e:  # TokenizerError and argument errors are ValueErrors
