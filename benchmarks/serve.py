@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -291,6 +292,8 @@ def finite(obj):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # fail now, not after the sweep
+        raise SystemExit("--plot needs matplotlib: pip install -e '.[bench]'")
     prompt_sets = [make_prompts(args.seed + i, args.num_prompts, args.input_len) for i in range(len(args.request_rate))]
     top = int(np.argmax(args.request_rate))  # the saturating run: inf when swept
     offline_runs = [run_offline(args, prompt_sets[top])] if args.offline_baseline else []

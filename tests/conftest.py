@@ -3,7 +3,21 @@ import os
 # Eight host devices, so sharded restores (and later meshes) run on CPU. Must precede any jax import.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
+import gc  # noqa: E402
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """XLA:CPU keeps memory maps for every compiled program: the whole suite's worth passes the
+    kernel's limit (vm.max_map_count, 65,530; 76 tests already hold 12,500 maps) and the next
+    compilation segfaults. Dropping jax's caches after each module brings it back to ~1,200."""
+    yield
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
+        gc.collect()
 
 
 @pytest.fixture(scope="session")
