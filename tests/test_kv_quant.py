@@ -12,7 +12,8 @@ from jaxserve.ops.attention import ragged_paged_attention_xla
 from rpa_cases import BATCHES, TOLERANCE, make_case
 
 # Relative RMS error of quantize -> dequantize on keys with uneven channels (see _keys).
-MAX_RMS_ERROR = {"float32": 0.0, "bfloat16": 4e-3, "fp8": 0.04, "int8": 0.01, "int4": 0.12, "nvfp4": 0.12}
+# int8 keeps headroom above the calibrated max (INT8_HEADROOM), so its steps are 1.5x a tight fit.
+MAX_RMS_ERROR = {"float32": 0.0, "bfloat16": 4e-3, "fp8": 0.04, "int8": 0.015, "int4": 0.12, "nvfp4": 0.12}
 
 
 def _keys(seed=0, tokens=200, heads=3, head_dim=64):
