@@ -15,12 +15,13 @@ and quantized pages are dequantized a block at a time inside the loops, never as
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.kv_quant import KVPages, dequantize, quantize
+from pallas_kernels.kv_quant import KVPages, dequantize, dequantize_halves, quantize
 from pallas_kernels.ragged_paged_attention.common import fold_query, unfold_output
 
 DECODE_BLOCK = 16  # single-token queries handled together
@@ -51,24 +52,43 @@ def _cap(spec: _Spec, s):
     return s if spec.soft_cap is None else spec.soft_cap * jnp.tanh(s / spec.soft_cap)
 
 
-def _online_update(carry, s, v, pv_eq: str):
-    """One step of the streaming softmax: carry (max, normalizer, acc), scores s [..., Tk]."""
+def _scores(qs, ks, qk_eq: str):
+    """q.k summed over the channel parts (see _kv_block): qs, ks tuples of matching parts."""
+    return functools.reduce(jnp.add, (jnp.einsum(qk_eq, q, k) for q, k in zip(qs, ks)))
+
+
+def _online_update(carry, s, vs, pv_eq: str):
+    """One step of the streaming softmax: carry (max, normalizer, acc parts), scores s [..., Tk]."""
     m, l, acc = carry
     m_new = jnp.maximum(m, s.max(-1))
     safe_m = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
     p = jnp.exp(s - safe_m[..., None])
     correction = jnp.exp(jnp.where(jnp.isfinite(m), m - safe_m, -jnp.inf))
-    return m_new, l * correction + p.sum(-1), acc * correction[..., None] + jnp.einsum(pv_eq, p, v)
+    acc = tuple(a * correction[..., None] + jnp.einsum(pv_eq, p, v) for a, v in zip(acc, vs))
+    return m_new, l * correction + p.sum(-1), acc
 
 
 def _finish(l, acc):
-    return acc / jnp.where(l > 0, l, 1.0)[..., None]  # rows that see nothing (padding) give zeros
+    """Normalized output, the channel parts joined again; rows that see nothing (padding) give zeros."""
+    acc = acc[0] if len(acc) == 1 else jnp.concatenate(acc, axis=-1)
+    return acc / jnp.where(l > 0, l, 1.0)[..., None]
+
+
+def _split(x, parts: int):
+    """x [..., D] -> `parts` tuple of [..., D / parts]: the channel parts _kv_block returns."""
+    return (x,) if parts == 1 else tuple(jnp.split(x, parts, axis=-1))
+
+
+def _parts(kv: KVPages) -> int:
+    """Channel parts _kv_block returns: 4-bit pages come as the two halves their bytes pack."""
+    return 2 if kv.format.packed else 1
 
 
 def _kv_block(kv: KVPages, layer, pages, spec: _Spec):
-    """pages [..., pages_per_block] -> k, v [..., block, kv_heads, head_dim] in float32 (channel scale
-    still folded out). Pages are gathered as whole rows of a [layers * pages, page_bytes] view: a
-    plain row gather is about twice as fast on CPU as indexing the 5-D cache."""
+    """pages [..., pages_per_block] -> k, v as tuples of _parts(kv) channel parts, float32
+    [..., block, kv_heads, head_dim / parts] (channel scale still folded out). Pages are gathered as
+    whole rows of a [layers * pages, page_bytes] view: a plain row gather is about twice as fast on
+    CPU as indexing the 5-D cache."""
     layers, num_pages = kv.k.shape[:2]
     rows = layer * num_pages + pages
     fmt = kv.format
@@ -77,31 +97,34 @@ def _kv_block(kv: KVPages, layer, pages, spec: _Spec):
         return None if a is None else a.reshape(layers * num_pages, -1)[rows].reshape(
             pages.shape[:-1] + (spec.block,) + a.shape[3:])
 
-    return (dequantize(gather(kv.k), gather(kv.k_scale), fmt),
-            dequantize(gather(kv.v), gather(kv.v_scale), fmt))
+    if fmt.packed:
+        return (dequantize_halves(gather(kv.k), gather(kv.k_scale), fmt),
+                dequantize_halves(gather(kv.v), gather(kv.v_scale), fmt))
+    return (dequantize(gather(kv.k), None, fmt),), (dequantize(gather(kv.v), None, fmt),)
 
 
 def _decode_part(qg, kv, layer, tables, position, token_ids, count, spec: _Spec):
     """Single-token queries: token_ids [T] lists them first (count of them), padded with T."""
     tokens, kvh, g, hd = qg.shape
+    parts = _parts(kv)
     out = jnp.zeros((tokens + 1, kvh, g, hd), jnp.float32)  # row `tokens` absorbs padding writes
 
     def token_block(b, out):
         idx = jax.lax.dynamic_slice_in_dim(token_ids, b * DECODE_BLOCK, DECODE_BLOCK)  # [TB]
         ok = idx < tokens
         safe = jnp.where(ok, idx, 0)
-        q, pos, tab = qg[safe], jnp.where(ok, position[safe], -1), tables[safe]
+        q, pos, tab = _split(qg[safe], parts), jnp.where(ok, position[safe], -1), tables[safe]
 
         def kv_step(j, carry):
             pages = jax.lax.dynamic_slice_in_dim(tab, j * spec.pages_per_block, spec.pages_per_block, axis=1)
             k, v = _kv_block(kv, layer, pages, spec)  # [TB, block, kvh, hd]
-            s = _cap(spec, jnp.einsum("tkgd,tskd->tkgs", q, k))  # [TB, kvh, g, block]
+            s = _cap(spec, _scores(q, k, "tkgd,tskd->tkgs"))  # [TB, kvh, g, block]
             visible = _visible(spec, pos, j * spec.block + jnp.arange(spec.block))
             s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
             return _online_update(carry, s, v, "tkgs,tskd->tkgd")
 
         init = (jnp.full((DECODE_BLOCK, kvh, g), -jnp.inf), jnp.zeros((DECODE_BLOCK, kvh, g)),
-                jnp.zeros((DECODE_BLOCK, kvh, g, hd)))
+                _split(jnp.zeros((DECODE_BLOCK, kvh, g, hd)), parts))
         _, l, acc = jax.lax.fori_loop(0, (pos.max() + spec.block) // spec.block, kv_step, init)
         return out.at[jnp.where(ok, idx, tokens)].set(_finish(l, acc))
 
@@ -111,6 +134,7 @@ def _decode_part(qg, kv, layer, tables, position, token_ids, count, spec: _Spec)
 def _prefill_part(qg, kv, layer, page_tables, cu_q_lens, kv_lens, seqs, num, out, q_tile, spec):
     """Multi-token queries: `seqs` [S] lists their sequences first (`num` of them)."""
     tokens, kvh, g, hd = qg.shape
+    parts = _parts(kv)
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
     tiles = jnp.where(jnp.arange(seqs.shape[0]) < num, (q_lens[seqs] + q_tile - 1) // q_tile, 0)
     ends = jnp.cumsum(tiles)
@@ -124,17 +148,18 @@ def _prefill_part(qg, kv, layer, page_tables, cu_q_lens, kv_lens, seqs, num, out
         rows = row0 + jnp.arange(q_tile)
         valid = rows < cu_q_lens[s + 1]
         pos = jnp.where(valid, kv_lens[s] - q_lens[s] + rows - cu_q_lens[s], -1)  # [TQ]
-        q = jax.lax.dynamic_slice_in_dim(q_pad, row0, q_tile)  # [TQ, kvh, g, hd]
+        q = _split(jax.lax.dynamic_slice_in_dim(q_pad, row0, q_tile), parts)  # [TQ, kvh, g, hd / parts] each
         table = page_tables[s]
 
         def kv_step(j, carry):
             pages = jax.lax.dynamic_slice_in_dim(table, j * spec.pages_per_block, spec.pages_per_block)
             k, v = _kv_block(kv, layer, pages, spec)  # [block, kvh, hd]
-            s_ = _cap(spec, jnp.einsum("qkgd,skd->kgqs", q, k))  # [kvh, g, TQ, block]
+            s_ = _cap(spec, _scores(q, k, "qkgd,skd->kgqs"))  # [kvh, g, TQ, block]
             s_ = jnp.where(_visible(spec, pos, j * spec.block + jnp.arange(spec.block)), s_, -jnp.inf)
             return _online_update(carry, s_, v, "kgqs,skd->kgqd")
 
-        init = (jnp.full((kvh, g, q_tile), -jnp.inf), jnp.zeros((kvh, g, q_tile)), jnp.zeros((kvh, g, q_tile, hd)))
+        init = (jnp.full((kvh, g, q_tile), -jnp.inf), jnp.zeros((kvh, g, q_tile)),
+                _split(jnp.zeros((kvh, g, q_tile, hd)), parts))
         _, l, acc = jax.lax.fori_loop(0, (pos.max() + spec.block) // spec.block, kv_step, init)
         result = _finish(l, acc).transpose(2, 0, 1, 3)  # [TQ, kvh, g, hd]
         old = jax.lax.dynamic_slice_in_dim(out, row0, q_tile)
