@@ -15,8 +15,8 @@ kept as two halves throughout (scores add the two half dots, the output has two 
 
 Contract: common.py. Its tolerance (float32 summation order) needs float32-exact dots, and tensor
 cores get them cheaply here: every KV format but float32 dequantizes exactly into bfloat16 (bf16,
-fp8, int8 and nvfp4 codes x e4m3 scales have <= 8 significant bits), or into a bf16 hi + lo pair (int4
-codes x float16 scales, <= 14 bits), so only the small operand (query, probabilities) is split into
+fp8, int8, and int4 / nvfp4 codes x e4m3 scales have <= 8 significant bits), so only the small
+operand (query, probabilities) is split into
 `dot_pieces` bf16 pieces (3 give all 24 bits): sums of bf16 dots with exact products and float32
 accumulation. `dot_pieces=1` is a plain bf16 kernel (faster, about bf16-accurate). float32 pages
 use plain float32 dots.
@@ -80,7 +80,7 @@ def _dots(a_parts, b_parts, pieces: int, contract_b: int):
 
 def _kv_parts(codes_ref, scales_ref, layer, pages, head, fmt: KVFormat):
     """One KV block of `pages` of one kv head -> per head-dim half (two for 4-bit pages), the exact
-    parts of its values, each [block, D/halves]: bf16 (one part; int4: hi and lo), float32 pages
+    parts of its values, each [block, D/halves]: bf16 (one part), float32 pages
     as is. The channel scale stays folded out."""
     codes = codes_ref[layer, pages, :, head, :]  # [pages_per_block, page_size, D or D/2]
     codes = codes.reshape(codes.shape[0] * codes.shape[1], codes.shape[2])
@@ -99,7 +99,7 @@ def _kv_parts(codes_ref, scales_ref, layer, pages, head, fmt: KVFormat):
         s = decode_scales(scales_ref[layer, pages, :, head, pl.ds(j * ng, ng)], fmt) * unit
         s = s.reshape(vals.shape[0], ng, 1)
         s = jnp.broadcast_to(s, (vals.shape[0], ng, fmt.group)).reshape(vals.shape)
-        out.append(split_bf16(vals * s, 2 if fmt.name == "int4" else 1))
+        out.append(split_bf16(vals * s, 1))
     return out
 
 
