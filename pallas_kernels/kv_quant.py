@@ -10,6 +10,11 @@ A value x of layer l, kv head h, channel d is stored as
     keys; values get one too) computed from calibration data when the engine starts. It costs no
     page memory, so 8-bit pages hold exactly twice the tokens of bfloat16 pages. Kernels never
     multiply it into the pages: keys fold it into the query, values into the output.
+  * `k_center` [layers, kv_heads, head_dim] float32, keys only: a static per-channel offset
+    (calibrated, jaxserve/engine/kv_calibration.py) subtracted before quantizing and never added
+    back. Every key a query sees is shifted by the same vector, so its scores move by one constant
+    and softmax does not change; the codes then spend their range on how keys differ, not on the
+    large offset most keys share. Not valid with a logit soft cap.
   * `block_scale`: a dynamic scale per (token, kv head, group of `group` channels), computed from
     the data when the token is written (4-bit formats only; 8-bit formats need none).
   * quantized formats store keys and values rotated by a normalized Hadamard matrix over head_dim
@@ -113,10 +118,16 @@ class KVPages(NamedTuple):
     v_scale: jax.Array | None = None
     k_chan: jax.Array | None = None   # [layers, kv_heads, head_dim] float32 (quantized formats)
     v_chan: jax.Array | None = None
+    k_center: jax.Array | None = None  # [layers, kv_heads, head_dim] float32, rotated basis (see above)
 
     @property
     def format(self) -> KVFormat:
         return format_of(self.k, self.k_scale)
+
+    @property
+    def page_arrays(self) -> tuple:
+        """The arrays that take page memory: codes and block scales (not the per-channel ones)."""
+        return tuple(a for a in (self.k, self.v, self.k_scale, self.v_scale) if a is not None)
 
     @property
     def page_size(self) -> int:
@@ -124,13 +135,13 @@ class KVPages(NamedTuple):
 
     @classmethod
     def zeros(cls, fmt: KVFormat, layers: int, num_pages: int, page_size: int, kv_heads: int, head_dim: int,
-              k_chan=None, v_chan=None) -> "KVPages":
+              k_chan=None, v_chan=None, k_center=None) -> "KVPages":
         lead = (layers, num_pages, page_size, kv_heads)
         codes = lambda: jnp.zeros(lead + (head_dim // 2 if fmt.packed else head_dim,), fmt.codes_dtype)  # noqa: E731
         scales = lambda: None if fmt.group is None else jnp.zeros(lead + (head_dim // fmt.group,), fmt.scale_dtype)  # noqa: E731
         if fmt.quantized and (k_chan is None or v_chan is None):
             raise ValueError(f"kv_cache_dtype {fmt.name} needs calibrated channel scales")
-        return cls(codes(), codes(), scales(), scales(), k_chan, v_chan)
+        return cls(codes(), codes(), scales(), scales(), k_chan, v_chan, k_center)
 
 
 def bytes_per_page(fmt: KVFormat, layers: int, page_size: int, kv_heads: int, head_dim: int) -> int:
@@ -168,12 +179,14 @@ def _e2m1_encode(x):
     return jnp.where(x < 0, mag | 8, mag).astype(jnp.uint8)
 
 
-def quantize(x, chan, fmt: KVFormat):
+def quantize(x, chan, fmt: KVFormat, center=None):
     """New values x [tokens, kv_heads, head_dim] -> (codes, block scales or None) in page layout.
-    chan [kv_heads, head_dim] is this layer's channel scale (None for float formats)."""
+    chan [kv_heads, head_dim] is this layer's channel scale (None for float formats); center
+    [kv_heads, head_dim], keys only, is subtracted first (see k_center above)."""
     if not fmt.quantized:
         return _to_codes(x, fmt), None
-    xn = rotate(x, fmt) / chan  # [T, H, D]; calibrated max -> fmt.chan_max
+    xr = rotate(x, fmt) if center is None else rotate(x, fmt) - center
+    xn = xr / chan  # [T, H, D]; calibrated max -> fmt.chan_max
     if fmt.name == "fp8":
         return _to_codes(jnp.clip(xn, -E4M3_MAX, E4M3_MAX), fmt), None
     if fmt.name == "int8":

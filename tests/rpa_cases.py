@@ -30,10 +30,12 @@ class Case:
 
 
 def make_case(seed: int, fmt: str, q_lens, kv_lens, *, page_size=16, head_dim=64, heads=6, kv_heads=2,
-              pad_seqs=2, pad_tokens=3, max_pages=None, layer=1) -> Case:
+              pad_seqs=2, pad_tokens=3, max_pages=None, layer=1, key_offset=0.0, center_keys=False) -> Case:
     """q_lens[i] query tokens at the end of sequence i of kv_lens[i] tokens (q_len <= kv_len).
     Pages are a random permutation (page 0 stays the null page); `pad_seqs` unused sequence rows
-    and `pad_tokens` padding query tokens follow the real ones."""
+    and `pad_tokens` padding query tokens follow the real ones. key_offset: every key gets the same
+    random vector of this scale added (as real keys share a large offset); center_keys: quantized
+    pages store keys minus their median (kv_quant's k_center)."""
     rng = np.random.default_rng(seed)
     f = FORMATS[fmt]
     q_lens, kv_lens = list(q_lens), list(kv_lens)
@@ -50,9 +52,10 @@ def make_case(seed: int, fmt: str, q_lens, kv_lens, *, page_size=16, head_dim=64
     # Keys with a few large channels (as real keys have), values plainer.
     k = rng.standard_normal(shape).astype(np.float32) * rng.uniform(0.2, 4.0, head_dim).astype(np.float32)
     v = rng.standard_normal(shape).astype(np.float32)
-    kv = _quantize_pages(jnp.asarray(k), jnp.asarray(v), f)
     t = sum(q_lens) + pad_tokens
     q = jnp.asarray(rng.standard_normal((t, heads, head_dim)).astype(np.float32))
+    k = k + key_offset * rng.standard_normal((LAYERS, 1, 1, kv_heads, head_dim)).astype(np.float32)
+    kv = _quantize_pages(jnp.asarray(k), jnp.asarray(v), f, center_keys)
     cu = np.zeros(len(kv_lens) + pad_seqs + 1, np.int32)
     cu[1:len(q_lens) + 1] = np.cumsum(q_lens)
     cu[len(q_lens) + 1:] = cu[len(q_lens)]
@@ -61,21 +64,23 @@ def make_case(seed: int, fmt: str, q_lens, kv_lens, *, page_size=16, head_dim=64
     return Case(q, kv, layer, lens, tables, cu, np.asarray([len(kv_lens)], np.int32))
 
 
-def _quantize_pages(k, v, f) -> KVPages:
+def _quantize_pages(k, v, f, center_keys=False) -> KVPages:
     if not f.quantized:
         return KVPages(quantize(k, None, f)[0], quantize(v, None, f)[0])
-    k_chan = channel_scales(jnp.abs(rotate(k, f)).max(axis=(1, 2)), f)  # [layers, kv_heads, head_dim]
+    zero = jnp.zeros((k.shape[0],) + k.shape[3:], jnp.float32)  # [layers, kv_heads, head_dim]
+    k_center = jnp.median(rotate(k, f), axis=(1, 2)) if center_keys else zero
+    k_chan = channel_scales(jnp.abs(rotate(k, f) - k_center[:, None, None]).max(axis=(1, 2)), f)
     v_chan = channel_scales(jnp.abs(rotate(v, f)).max(axis=(1, 2)), f)
 
-    def per_layer(x, chan):
+    def per_layer(x, chan, center):
         lead = x.shape[1:3]
-        parts = [quantize(x[l].reshape((-1,) + x.shape[3:]), chan[l], f) for l in range(x.shape[0])]
+        parts = [quantize(x[l].reshape((-1,) + x.shape[3:]), chan[l], f, center[l]) for l in range(x.shape[0])]
         codes = jnp.stack([c.reshape(lead + c.shape[1:]) for c, _ in parts])
         scales = None if parts[0][1] is None else jnp.stack([s.reshape(lead + s.shape[1:]) for _, s in parts])
         return codes, scales
 
-    (kc, ks), (vc, vs) = per_layer(k, k_chan), per_layer(v, v_chan)
-    return KVPages(kc, vc, ks, vs, k_chan, v_chan)
+    (kc, ks), (vc, vs) = per_layer(k, k_chan, k_center), per_layer(v, v_chan, zero)
+    return KVPages(kc, vc, ks, vs, k_chan, v_chan, k_center if center_keys else None)
 
 
 # Batches every implementation is tested on: (name, q_lens, kv_lens).

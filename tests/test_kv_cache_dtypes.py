@@ -6,7 +6,6 @@ import pathlib
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from jaxserve import LLM
@@ -17,11 +16,10 @@ pytestmark = pytest.mark.slow
 ALICE = pathlib.Path(__file__).parents[1] / "benchmarks" / "data" / "alice_ch1-3.txt"
 MEMORY = 64 << 20
 CTX = 256  # windows of 256 tokens, prefilled 64 at a time: later chunks read quantized pages
-# Perplexity increase over `auto` on these 1,020 tokens. The issue's targets (8-bit +1%, 4-bit +5%,
-# measured by benchmarks/kv_cache_quality.py on 8,457 tokens) are not all met yet: see
-# benchmarks/RESULTS.md. These bounds are what the formats reach here (fp8 and int8 under +1%,
-# int4 +3.5%, nvfp4 +5.2%) with a little room, so a regression still fails.
-MAX_PPL_INCREASE = {"fp8": 0.01, "int8": 0.01, "int4": 0.045, "nvfp4": 0.06}
+# Perplexity increase over `auto` on these 1,020 tokens: the issue's targets (8-bit +1%, 4-bit +5%;
+# benchmarks/kv_cache_quality.py measures them on 8,457 tokens), int4 tighter. Measured here: fp8
+# -0.15%, int8 +0.04%, int4 +3.17%, nvfp4 +4.34%.
+MAX_PPL_INCREASE = {"fp8": 0.01, "int8": 0.01, "int4": 0.04, "nvfp4": 0.05}
 MIN_CAPACITY_VS_BF16 = {"fp8": 2.0, "int8": 2.0, "int4": 3.5, "nvfp4": 3.5}
 
 
@@ -41,8 +39,7 @@ def test_quantized_cache_capacity_and_perplexity(smollm2_llm, alice_ids, baselin
               max_num_batched_tokens=64, max_num_seqs=8)
     engine, cfg = llm.engine, llm.config
     # Capacity: the pages really allocated fit the memory, and hold >= 2x / 3.5x bfloat16's tokens.
-    pages = jax.tree.leaves(engine.runner.state.kv._replace(k_chan=None, v_chan=None))
-    assert sum(a.nbytes for a in pages) <= MEMORY
+    assert sum(a.nbytes for a in engine.runner.state.kv.page_arrays) <= MEMORY
     bf16_tokens = MEMORY // bytes_per_page(FORMATS["bfloat16"], cfg.num_layers, 16, cfg.num_kv_heads, cfg.head_dim) * 16
     assert engine.max_cached_tokens + 16 >= MIN_CAPACITY_VS_BF16[dtype] * bf16_tokens  # +16: the null page
     # Quality: perplexity over 4 windows of 256 tokens, later chunks attending to quantized pages.

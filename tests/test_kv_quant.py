@@ -56,6 +56,29 @@ def test_xla_path_matches_reference(name, batch):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOLERANCE[name], rtol=TOLERANCE[name])
 
 
+@pytest.mark.parametrize("name", ["fp8", "int8", "int4", "nvfp4"])
+def test_key_centers_remove_a_shared_offset(name):
+    """Keys sharing a large offset (as real keys do): pages storing keys minus their median give
+    attention as close to float32 as if the offset were not there (it moves every score of a query
+    by one constant, which softmax ignores), and much closer than plain pages; the XLA path still
+    matches the reference on them. Measured RMS error ratios centered/plain: fp8 0.36, int8 0.64,
+    int4 0.55, nvfp4 0.38."""
+    batch = dict(q_lens=[1, 9, 1, 33, 1], kv_lens=[31, 40, 32, 33, 1])
+
+    def error(case, offset):
+        exact = ragged_paged_attention_reference(*make_case(3, "float32", key_offset=offset, **batch).args(), sm_scale=0.125)
+        return float(jnp.sqrt(jnp.mean((ragged_paged_attention_reference(*case.args(), sm_scale=0.125) - exact) ** 2)))
+
+    centered = make_case(3, name, key_offset=8.0, center_keys=True, **batch)
+    plain = make_case(3, name, key_offset=8.0, **batch)
+    no_offset = make_case(3, name, key_offset=0.0, center_keys=True, **batch)
+    assert error(centered, 8.0) < 0.7 * error(plain, 8.0)
+    assert error(centered, 8.0) == pytest.approx(error(no_offset, 0.0), rel=0.02)
+    got = ragged_paged_attention_xla(*centered.args(), sm_scale=0.125)
+    want = ragged_paged_attention_reference(*centered.args(), sm_scale=0.125)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOLERANCE[name], rtol=TOLERANCE[name])
+
+
 @pytest.mark.parametrize("opts", [dict(sliding_window=7), dict(soft_cap=5.0)], ids=["window", "softcap"])
 @pytest.mark.parametrize("name", ["int8", "nvfp4"])
 def test_xla_path_window_and_soft_cap(name, opts):

@@ -85,9 +85,10 @@ def token_buckets(max_tokens: int) -> list[int]:
     return buckets + [max(max_tokens, MIN_BUCKET)]
 
 
-def _initial_state(cfg, fmt: KVFormat, num_pages: int, page_size: int, max_num_seqs: int, k_chan, v_chan):
+def _initial_state(cfg, fmt: KVFormat, num_pages: int, page_size: int, max_num_seqs: int, *calibrated):
+    """calibrated: (k_chan, v_chan, k_center) for quantized pages (jaxserve.engine.kv_calibration)."""
     vocab = cfg.vocab_size
-    return RunnerState(empty_kv_pages(cfg, fmt, num_pages, page_size, k_chan, v_chan),
+    return RunnerState(empty_kv_pages(cfg, fmt, num_pages, page_size, *calibrated),
                        PenaltyState(jnp.zeros((max_num_seqs, vocab), jnp.int8),
                                     jnp.zeros((max_num_seqs, vocab), jnp.int32)))
 
@@ -108,9 +109,9 @@ class ModelRunner:
         self.heads = head_parallel(model.config, mesh)
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.buckets = token_buckets(max_num_batched_tokens)
-        chans = calibrate(model, kv_format, self.heads) if kv_format.quantized else (None, None)
+        calibrated = calibrate(model, kv_format, self.heads) if kv_format.quantized else ()
         make = functools.partial(_initial_state, model.config, kv_format, num_pages, page_size, max_num_seqs)
-        self.state = self._place_state(make, *chans)
+        self.state = self._place_state(make, *calibrated)
         self.free_slots = list(range(max_num_seqs))[::-1]
         self.slots: dict[str, int] = {}
         self.compile_count = 0

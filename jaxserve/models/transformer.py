@@ -21,9 +21,11 @@ from jaxserve.ops.head_parallel import HeadParallel
 from pallas_kernels.kv_quant import KVFormat, KVPages
 
 
-def empty_kv_pages(cfg: ModelConfig, fmt: KVFormat, num_pages: int, page_size: int, k_chan=None, v_chan=None):
+def empty_kv_pages(cfg: ModelConfig, fmt: KVFormat, num_pages: int, page_size: int, k_chan=None, v_chan=None,
+                   k_center=None):
     """The whole model's paged KV cache (see pallas_kernels/kv_quant.py) with every page zero."""
-    return KVPages.zeros(fmt, cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, k_chan, v_chan)
+    return KVPages.zeros(fmt, cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, k_chan, v_chan,
+                         k_center)
 
 
 class AttentionMetadata(NamedTuple):

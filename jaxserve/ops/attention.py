@@ -236,6 +236,6 @@ def write_kv(kv: KVPages, layer, k, v, slot_mapping) -> KVPages:
     page, offset = slot_mapping // kv.page_size, slot_mapping % kv.page_size
     fmt = kv.format
     chan = lambda c: None if c is None else c[layer]  # noqa: E731
-    (kc, ks), (vc, vs) = quantize(k, chan(kv.k_chan), fmt), quantize(v, chan(kv.v_chan), fmt)
+    (kc, ks), (vc, vs) = quantize(k, chan(kv.k_chan), fmt, chan(kv.k_center)), quantize(v, chan(kv.v_chan), fmt)
     put = lambda cache, new: None if cache is None else cache.at[layer, page, offset].set(new)  # noqa: E731
     return kv._replace(k=put(kv.k, kc), v=put(kv.v, vc), k_scale=put(kv.k_scale, ks), v_scale=put(kv.v_scale, vs))

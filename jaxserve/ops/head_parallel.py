@@ -22,7 +22,7 @@ class HeadParallel:
     mesh: Mesh
     heads: PartitionSpec     # q, k, v and the output [tokens, heads, head_dim]
     pages: PartitionSpec     # codes and block scales [layers, pages, page_size, kv_heads, ...]
-    channels: PartitionSpec  # channel scales [layers, kv_heads, head_dim]
+    channels: PartitionSpec  # channel scales and key centers [layers, kv_heads, head_dim]
 
     def kv_specs(self, kv: KVPages) -> KVPages:
         """The spec of each array of `kv` (None where its format has no such array)."""
@@ -30,7 +30,8 @@ class HeadParallel:
             return None if array is None else s
 
         return KVPages(spec(kv.k, self.pages), spec(kv.v, self.pages), spec(kv.k_scale, self.pages),
-                       spec(kv.v_scale, self.pages), spec(kv.k_chan, self.channels), spec(kv.v_chan, self.channels))
+                       spec(kv.v_scale, self.pages), spec(kv.k_chan, self.channels), spec(kv.v_chan, self.channels),
+                       spec(kv.k_center, self.channels))
 
     def __call__(self, fn, q, k, v, kv: KVPages, *shared):
         """fn(q, k, v, kv, *shared) -> (out [tokens, heads, head_dim], kv), run on each device's
