@@ -82,8 +82,8 @@ FORMATS = {
     "fp8": KVFormat("fp8", jnp.dtype(jnp.uint8), chan_max=E4M3_MAX / FP8_HEADROOM, bits_of=jnp.dtype(jnp.float8_e4m3fn)),
     "int8": KVFormat("int8", jnp.dtype(jnp.int8), chan_max=127.0 / INT8_HEADROOM),
     # int4: codes -7..7 with an e4m3 scale per 16 channels (as nvfp4, so 4-bit formats differ only in
-    # their code grid). Alice ch. I-III: +4.91% / +5.43% (two runs differing only in float summation
-    # order), vs +5.64-6.00% with a float16 scale per 32 channels.
+    # their code grid). Alice ch. I-III before key centers: +4.91-5.43%, vs +5.64-6.00% with a float16
+    # scale per 32 channels (with key centers: +4.13%).
     "int4": KVFormat("int4", jnp.dtype(jnp.int8), packed=True, group=16, scale_dtype=jnp.dtype(jnp.uint8),
                      chan_max=7.0 * E4M3_MAX / FP8_HEADROOM, scale_bits_of=jnp.dtype(jnp.float8_e4m3fn)),
     # nvfp4: e2m1 codes with an e4m3 scale per 16 channels; the channel scale plays NVIDIA's
