@@ -4,7 +4,8 @@
         --output-len 128 --json out.json
 
 Random prompt ids, EOS ignored, all requests queued at once (as `vllm bench throughput`). In the
-same run: HF transformers' batched `generate` on the same prompts (float32, PyTorch CPU), and the
+same run: HF transformers' batched `generate` on the same prompts (PyTorch CPU, by default in the
+engine's weight dtype; `--hf-dtypes float32,bfloat16` times both), and the
 model's weight matmuls alone for the same schedule of batches (the compute ceiling of the machine),
 plus time-to-first-token of a request sharing a long prefix with an earlier one (prefix caching).
 """
@@ -56,6 +57,8 @@ def matmul_only_seconds(model, num_requests: int, input_len: int, output_len: in
     import jax
     import jax.numpy as jnp
 
+    from jaxserve.models.layers import dense, dense_transposed, swiglu, weight
+
     params = model.params
     layers = {k: params["layers"][k][...] for k in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")}
     embed = params["embed"][...]
@@ -63,15 +66,16 @@ def matmul_only_seconds(model, num_requests: int, input_len: int, output_len: in
     @jax.jit
     def matmuls(x, layers, embed):
         def body(h, p):
-            kv = h @ p["wk"] + h @ p["wv"]  # padded into the residual: reducing it would fuse the dots away
-            o = (h @ p["wq"]) @ p["wo"] + jnp.pad(kv, ((0, 0), (0, h.shape[1] - kv.shape[1])))
+            p = {k: weight(w) for k, w in p.items()}  # as the model reads its stored weights
+            kv = dense(h, p["wk"]) + dense(h, p["wv"])  # padded into the residual: reducing it would fuse the dots away
+            o = dense(dense(h, p["wq"]), p["wo"]) + jnp.pad(kv, ((0, 0), (0, h.shape[1] - kv.shape[1])))
             # tanh keeps activations finite: inf/NaN arithmetic would make the "ceiling" slow
-            return jnp.tanh(h + o + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]), None
+            return jnp.tanh(h + o + swiglu(h, p["w_gate"], p["w_up"], p["w_down"])), None
         h, _ = jax.lax.scan(body, x, layers)
-        return h[:max_num_seqs] @ embed.T
+        return dense_transposed(h[:max_num_seqs], embed)
 
     def time_batch(tokens: int) -> float:
-        x = 0.1 * jax.random.normal(jax.random.key(0), (tokens, embed.shape[1]), embed.dtype)
+        x = 0.1 * jax.random.normal(jax.random.key(0), (tokens, embed.shape[1]), jnp.float32)
         matmuls(x, layers, embed).block_until_ready()
         t0 = time.perf_counter()
         for _ in range(5):
@@ -83,11 +87,12 @@ def matmul_only_seconds(model, num_requests: int, input_len: int, output_len: in
     return (total_prefill // budget) * time_batch(budget) + time_batch(min(num_requests, max_num_seqs)) * decode_batches
 
 
-def run_transformers(gguf_path, prompts, output_len: int) -> dict:
+def run_transformers(gguf_path, prompts, output_len: int, dtype: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                 dtype=getattr(torch, dtype)).eval()
     ids = torch.tensor(prompts)  # equal lengths: no padding
     with torch.no_grad():
         model.generate(ids[:2, :8], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
@@ -123,6 +128,10 @@ def main():
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="weights (activations stay float32); auto is float32 on CPU")
+    ap.add_argument("--hf-dtypes", default=None,
+                    help="comma-separated dtypes to time HF transformers in (default: the engine's)")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--prefix-len", type=int, default=1000)
@@ -136,7 +145,7 @@ def main():
 
     rng = np.random.default_rng(0)
     prompts = rng.integers(100, 49000, (args.num_requests, args.input_len)).tolist()
-    model = load_model(args.model, progress=False)
+    model = load_model(args.model, dtype=args.dtype, progress=False)
     t0 = time.perf_counter()
     engine = Engine(model, EngineConfig(max_num_seqs=args.max_num_seqs,
                                         max_num_batched_tokens=args.max_num_batched_tokens))
@@ -147,20 +156,22 @@ def main():
                                     args.max_num_batched_tokens, args.max_num_seqs)
     ceiling = {"elapsed_s": ceiling_s, "output_throughput": args.num_requests * args.output_len / ceiling_s}
     prefix = prefix_cache_ttft(engine, args.prefix_len, rng)
-    hf = None if args.skip_hf else run_transformers(fetch_gguf(args.model), prompts, args.output_len)
+    hf_dtypes = [] if args.skip_hf else (args.hf_dtypes or model.dtype).split(",")
+    hf = {d: run_transformers(fetch_gguf(args.model), prompts, args.output_len, d) for d in hf_dtypes}
 
     print(f"workload: {args.num_requests} requests x {args.input_len} in / {args.output_len} out, "
-          f"EOS ignored; compile {compile_s:.1f}s")
-    print(f"{'system':<26}{'seconds':>9}{'out tok/s':>11}{'total tok/s':>13}")
-    rows = [("jaxserve engine", ours), ("matmul-only ceiling", ceiling)] + ([("HF transformers", hf)] if hf else [])
+          f"EOS ignored; weights {model.dtype}; compile {compile_s:.1f}s")
+    print(f"{'system':<30}{'seconds':>9}{'out tok/s':>11}{'total tok/s':>13}")
+    rows = [("jaxserve engine", ours), ("matmul-only ceiling", ceiling)]
+    rows += [(f"HF transformers ({d})", r) for d, r in hf.items()]
     for name, r in rows:
-        print(f"{name:<26}{r['elapsed_s']:>9.2f}{r['output_throughput']:>11.1f}"
+        print(f"{name:<30}{r['elapsed_s']:>9.2f}{r['output_throughput']:>11.1f}"
               f"{r.get('total_token_throughput', float('nan')):>13.1f}")
     print(f"TTFT mean {ours['mean_ttft_ms']:.0f} ms, p99 {ours['p99_ttft_ms']:.0f} ms; "
           f"TPOT mean {ours['mean_tpot_ms']:.1f} ms, p99 {ours['p99_tpot_ms']:.1f} ms")
     ratios = {"vs_matmul_ceiling": ours["output_throughput"] / ceiling["output_throughput"]}
-    if hf:
-        ratios["vs_hf_transformers"] = ours["output_throughput"] / hf["output_throughput"]
+    for d, r in hf.items():
+        ratios[f"vs_hf_transformers_{d}"] = ours["output_throughput"] / r["output_throughput"]
     print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
     print(f"prefix cache: {prefix['prefix_len']}-token shared prefix, TTFT cold {prefix['cold_ttft_ms']:.0f} ms, "
           f"cached {prefix['cached_ttft_ms']:.0f} ms ({prefix['speedup']:.1f}x, "
@@ -168,7 +179,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"),
-                       "compile_s": compile_s, "engine": ours, "matmul_ceiling": ceiling, "hf": hf,
+                       "dtype": model.dtype, "compile_s": compile_s, "engine": ours, "matmul_ceiling": ceiling, "hf": hf,
                        "ratios": ratios, "prefix_cache": prefix}, f, indent=2, default=float)
 
 

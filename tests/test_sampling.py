@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jaxserve import SamplingParams
-from jaxserve.engine.sampler import PenaltyState, SamplingInputs, sample
+from jaxserve.engine.sampler import PenaltyState, SamplingInputs, greedy, sample
 from jaxserve.errors import InvalidRequestError
 
 
@@ -77,6 +77,16 @@ def test_logprobs_are_of_the_raw_distribution():
 def test_greedy_and_low_temperature():
     assert set(draws(LOGITS, n=64, temperature=0.0)) == {0}
     assert set(draws(LOGITS, n=256, temperature=0.01, seed=5)) == {0}
+
+
+def test_greedy_matches_argmax_with_ties_and_masked_rows():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((32, 1000)).astype(np.float32)
+    logits[3, [7, 400, 999]] = 9.0  # ties: the first wins
+    logits[4] = -np.inf
+    logits[4, 512] = 0.0
+    logits[5] = np.round(logits[5])  # many ties
+    np.testing.assert_array_equal(np.asarray(greedy(jnp.asarray(logits))), np.argmax(logits, -1))
 
 
 def test_seed_reproducible_and_distinct():

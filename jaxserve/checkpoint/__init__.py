@@ -21,6 +21,7 @@ from jaxserve.checkpoint.safetensors_io import load_safetensors_dir
 from jaxserve.config import ModelConfig
 from jaxserve.errors import CheckpointError
 from jaxserve.models import abstract_model
+from jaxserve.models.layers import as_stored
 from jaxserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 class LoadedModel:
     config: ModelConfig
     graphdef: nnx.GraphDef
-    params: nnx.State      # jax arrays, placed by `shardings`
+    params: nnx.State      # jax arrays, placed by `shardings`; on CPU bfloat16 layer weights are held
+    #                        as their uint16 bits (jaxserve.models.layers.as_stored / weight)
     tokenizer: Tokenizer | None
     dtype: str
 
@@ -111,6 +113,8 @@ def load_model(model: str | Path, dtype: str = "auto", shardings=None, progress:
         cfg, arrays, tok = read_numpy_checkpoint(path, dtype, progress)
         graphdef, state, abstract = _abstract_params(cfg, dtype, shardings)
         arrays = jax.tree.map(lambda a, s: jax.device_put(a, s.sharding), arrays, abstract)
+    if jax.default_backend() == "cpu":
+        arrays["layers"] = {name: as_stored(w) for name, w in arrays["layers"].items()}
     nnx.replace_by_pure_dict(state, arrays)
     log.info("loaded %s (%s, %s): %d layers, %.1fM params", model, fmt, dtype, cfg.num_layers,
              sum(a.size for a in jax.tree.leaves(arrays)) / 1e6)

@@ -36,6 +36,14 @@ class PenaltyState(NamedTuple):
     output_counts: jax.Array  # int32: occurrences among generated tokens
 
 
+def greedy(logits):
+    """Row-wise argmax [B, V] -> [B] int32 (first of ties), as a max and a min-reduction: XLA:CPU's
+    variadic argmax reduce took 2.5x as long on a 64 x 49,152 batch (7.2 vs 2.9 ms)."""
+    vocab = logits.shape[-1]
+    ids = jnp.where(logits == logits.max(-1, keepdims=True), jnp.arange(vocab, dtype=jnp.int32), vocab)
+    return jnp.minimum(ids.min(-1), vocab - 1)  # a NaN row (no max) gives the last id, never out of range
+
+
 def _bisect_threshold(values, enough, lo, hi, iterations: int = 40):
     """Per row, the largest t in [lo, hi] with enough(values >= t) true, by bisection (no sort:
     sorting a 50k vocabulary per row costs far more on CPU than 40 vectorized passes)."""
@@ -81,7 +89,7 @@ def _draw(logits, s: SamplingInputs):
     scaled = jax.lax.cond(any_filter, lambda: _filter(scaled, s.top_k, s.top_p, s.min_p), lambda: scaled)
     keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(s.seed, s.position)
     drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-    return jnp.where(s.temperature == 0, jnp.argmax(logits, -1).astype(jnp.int32), drawn)
+    return jnp.where(s.temperature == 0, greedy(logits), drawn)
 
 
 def sample(logits, s: SamplingInputs, penalties: PenaltyState, want_logprobs):
@@ -90,7 +98,7 @@ def sample(logits, s: SamplingInputs, penalties: PenaltyState, want_logprobs):
     any_penalty = jnp.any((s.repetition_penalty != 1) | (s.presence_penalty != 0) | (s.frequency_penalty != 0))
     logits = jax.lax.cond(any_penalty, lambda: apply_penalties(logits, s, penalties), lambda: logits)
     tokens = jax.lax.cond(jnp.all(s.temperature == 0),  # an all-greedy batch skips the per-row sorts
-                          lambda: jnp.argmax(logits, -1).astype(jnp.int32), lambda: _draw(logits, s))
+                          lambda: greedy(logits), lambda: _draw(logits, s))
     token_logprob = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)
 
     def top():

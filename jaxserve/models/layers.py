@@ -1,4 +1,9 @@
-"""Pure layer math: RMSNorm, rotary embeddings, SwiGLU."""
+"""Pure layer math: weight matmuls, RMSNorm, rotary embeddings, SwiGLU.
+
+Activations (the residual stream) are float32 whatever the weights' dtype; a matmul feeds the weight's
+dtype to the dot and accumulates in float32. With bfloat16 weights that is the fast kind of dot on
+CPUs with AVX512-BF16 (XLA:CPU ~1.8x float32), and the MXU/tensor-core kind on accelerators.
+"""
 from __future__ import annotations
 
 import math
@@ -10,11 +15,36 @@ import numpy as np
 from jaxserve.config import ModelConfig
 
 
-def rms_norm(x, weight, eps: float):
+def weight(w):
+    """A stored weight as the model computes with it: uint16 arrays are bfloat16 bits (see
+    `as_stored`); anything else is already itself."""
+    return jax.lax.bitcast_convert_type(w, jnp.bfloat16) if w.dtype == jnp.uint16 else w
+
+
+def as_stored(w):
+    """How a stacked layer weight is held on CPU: XLA:CPU converts a bfloat16 array that enters a
+    while loop (the layer scan) to float32 and back on every call, doubling decode time; its uint16
+    bits pass through untouched and `weight` reinterprets each layer's slice for free."""
+    return jax.lax.bitcast_convert_type(w, jnp.uint16) if w.dtype == jnp.bfloat16 else w
+
+
+def dense(x, w):
+    """x [..., in] @ w [in, out] -> float32 [..., out]: x rounded to w's dtype, float32 accumulation."""
+    return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
+def dense_transposed(x, w):
+    """x [..., in] @ w[out, in].T -> float32 [..., out] (tied embeddings as the LM head), contracting
+    w's last axis in place: a transposed bfloat16 operand made XLA:CPU copy all of it per call."""
+    dims = (((x.ndim - 1,), (1,)), ((), ()))
+    return jax.lax.dot_general(x.astype(w.dtype), w, dims, preferred_element_type=jnp.float32)
+
+
+def rms_norm(x, gain, eps: float):
     """Normalizes in float32 (as the HF reference does) and casts back."""
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight * x32.astype(x.dtype)
+    return gain * x32.astype(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -56,4 +86,4 @@ def apply_rope(x, cos, sin):
 
 
 def swiglu(x, w_gate, w_up, w_down):
-    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+    return dense(jax.nn.silu(dense(x, w_gate)) * dense(x, w_up), w_down)

@@ -1,7 +1,7 @@
 """The decoder-only transformer (Llama, Mistral, Qwen2, Qwen3, SmolLM2) in Flax NNX.
 
 Layer weights are stacked along a leading `layers` axis and run with `lax.scan`, so XLA compiles one
-layer body however deep the model is. Matrices are stored as [in, out] so activations do `x @ w`.
+layer body however deep the model is (on CPU bfloat16 stacks are held as bits: layers.as_stored). Matrices are stored as [in, out] so activations do `x @ w`.
 Every parameter carries its logical axes (`logical_axes` metadata) for the sharding table.
 """
 from __future__ import annotations
@@ -138,7 +138,7 @@ def decoder_layer(p: dict, x, kv: KVPages, layer, rope, meta: AttentionMetadata,
     """One layer over a flat token batch. x [T, D]; kv holds every layer's pages; `layer` picks ours."""
     t = x.shape[0]
     h = L.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
+    q, k, v = L.dense(h, p["wq"]), L.dense(h, p["wk"]), L.dense(h, p["wv"])
     if cfg.qkv_bias:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
     q = q.reshape(t, cfg.num_heads, cfg.head_dim)
@@ -150,7 +150,7 @@ def decoder_layer(p: dict, x, kv: KVPages, layer, rope, meta: AttentionMetadata,
     cos, sin = rope
     q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
     attn, kv = cache_and_attend(q, k, v, kv, layer, meta, plan, impl, cfg, heads)
-    attn = attn.reshape(t, cfg.num_heads * cfg.head_dim) @ p["wo"]
+    attn = L.dense(attn.reshape(t, cfg.num_heads * cfg.head_dim), p["wo"])
     if cfg.o_bias:
         attn = attn + p["bo"]
     x = x + attn
@@ -173,6 +173,7 @@ class DecoderStack(nnx.Module):
         def body(carry, xs):
             x, kv = carry
             p, layer = xs
+            p = {name: L.weight(w) for name, w in p.items()}
             return decoder_layer(p, x, kv, layer, rope, meta, plan, impl, self.cfg, heads), None
 
         layers = jnp.arange(self.cfg.num_layers)
@@ -191,12 +192,13 @@ class Transformer(nnx.Module):
         """tokens, positions [T] int32 -> hidden states [T, D] (final norm applied), new cache.
         attention_impl: xla | tpu | gpu | gpu-interpret (jaxserve.ops.backends); head_parallel: how
         attention splits over a mesh (jaxserve.parallel.head_parallel), None on one device."""
-        x = self.embed[...][tokens]
+        x = self.embed[...][tokens].astype(jnp.float32)  # the residual stream is float32 (see layers.py)
         rope = L.rope_cos_sin(positions, L.rope_inv_freq(self.cfg))  # inv_freq: a compile-time constant
         x, kv = self.layers(x, kv, rope, meta, attention_impl, head_parallel)
         return L.rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps), kv
 
     def logits(self, hidden):
         """hidden [..., D] -> float32 logits [..., vocab]."""
-        head = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
-        return jnp.matmul(hidden, head, preferred_element_type=jnp.float32)
+        if self.cfg.tie_word_embeddings:
+            return L.dense_transposed(hidden, self.embed[...])
+        return L.dense(hidden, self.lm_head[...])
