@@ -128,8 +128,9 @@ def main():
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="weights (activations stay float32); auto is float32 on CPU")
+    ap.add_argument("--dtype", default="bfloat16", choices=["auto", "float32", "bfloat16"],
+                    help="weights (activations stay float32). bfloat16 dots run ~1.8x float32 on CPUs with "
+                         "AVX512-BF16; without it use float32")
     ap.add_argument("--hf-dtypes", default=None,
                     help="comma-separated dtypes to time HF transformers in (default: the engine's)")
     ap.add_argument("--max-num-seqs", type=int, default=64)
