@@ -1,7 +1,8 @@
 """The decoder-only transformer (Llama, Mistral, Qwen2, Qwen3, SmolLM2) in Flax NNX.
 
 Layer weights are stacked along a leading `layers` axis and run with `lax.scan`, so XLA compiles one
-layer body however deep the model is (on CPU bfloat16 stacks are held as bits: layers.as_stored). Matrices are stored as [in, out] so activations do `x @ w`.
+layer body however deep the model is (on CPU, bfloat16 stacks are held as bits: layers.as_stored).
+Matrices are stored as [in, out]; matmuls go through layers.dense (float32 activations and sums).
 Every parameter carries its logical axes (`logical_axes` metadata) for the sharding table.
 """
 from __future__ import annotations
