@@ -7,8 +7,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxserve.checkpoint import convert, load_model
 from jaxserve.config import RopeScaling, from_hf_config
-from jaxserve.models.layers import weight
 from jaxserve.errors import CheckpointError, UnsupportedModelError
+from jaxserve.models.layers import weight
 from tiny_models import make_hf_model, our_logits, save_safetensors
 
 LLAMA = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16,
