@@ -79,10 +79,12 @@ def test_greedy_and_low_temperature():
     assert set(draws(LOGITS, n=256, temperature=0.01, seed=5)) == {0}
 
 
-def test_greedy_matches_argmax_with_ties_and_masked_rows():
+@pytest.mark.parametrize("vocab", [1000, 1024])  # padded to whole blocks, and not
+def test_greedy_matches_argmax_with_ties_and_masked_rows(vocab):
     rng = np.random.default_rng(0)
-    logits = rng.standard_normal((32, 1000)).astype(np.float32)
-    logits[3, [7, 400, 999]] = 9.0  # ties: the first wins
+    logits = rng.standard_normal((32, vocab)).astype(np.float32)
+    logits[3, [7, 400, 999]] = 9.0  # ties (in different blocks): the first wins
+    logits[6, [130, 131]] = 9.0  # ties in one block
     logits[4] = -np.inf
     logits[4, 512] = 0.0
     logits[5] = np.round(logits[5])  # many ties

@@ -43,7 +43,7 @@ class StepBatch(NamedTuple):
     token_slots: jax.Array     # [T] penalty slot of each token's request (num_slots: none)
     is_output: jax.Array       # [T] the token is a generated one
     sampling: SamplingInputs   # [B] each
-    want_logprobs: jax.Array   # []
+    want_logprobs: jax.Array   # [] a request asks for log-probabilities (0: of its token only)
     prompt_targets: jax.Array  # [T] the next prompt token after each token (scoring steps only)
 
 
@@ -215,7 +215,7 @@ class ModelRunner:
         cu[len(chunks) + 1:] = cu[len(chunks)]
         meta = AttentionMetadata(slot_mapping, kv_lens, page_tables, cu, np.int32(len(chunks)))
         return StepBatch(tokens, positions, meta, logits_indices, token_slots, is_output,
-                         self._sampling_inputs(chunks, b), np.bool_(any(c.params.logprobs for c in chunks)), targets)
+                         self._sampling_inputs(chunks, b), np.bool_(any(c.params.logprobs is not None for c in chunks)), targets)
 
     def _sampling_inputs(self, chunks, b: int) -> SamplingInputs:
         def column(fn, dtype, pad):

@@ -36,12 +36,37 @@ class PenaltyState(NamedTuple):
     output_counts: jax.Array  # int32: occurrences among generated tokens
 
 
+GREEDY_BLOCK = 128  # vocabulary columns per block of the two-stage row argmax
+
+
+def max_and_argmax(logits):
+    """Row-wise max and argmax [B, V] -> [B] float32, [B] int32 (first of ties), in two stages: the
+    max of each block of GREEDY_BLOCK columns, then the first maximal block, then the first maximal
+    column in it. On XLA:CPU a 64 x 49,152 batch takes 0.5 ms this way, 2.7 ms as one compare-and-
+    min pass over the vocabulary and 7.2 ms as jnp.argmax (a variadic reduce)."""
+    rows, vocab = logits.shape
+    pad = -vocab % GREEDY_BLOCK
+    padded = jnp.pad(logits, ((0, 0), (0, pad)), constant_values=-jnp.inf) if pad else logits
+    blocks = padded.reshape(rows, -1, GREEDY_BLOCK)  # [B, nb, GREEDY_BLOCK]
+    block_max = blocks.max(-1)  # [B, nb]
+    row_max = block_max.max(-1)
+    nb = blocks.shape[1]
+    first = jnp.where(block_max == row_max[:, None], jnp.arange(nb, dtype=jnp.int32), nb).min(-1)
+    first = jnp.minimum(first, nb - 1)  # a NaN row matches no block
+    block = jnp.take_along_axis(blocks, first[:, None, None], axis=1)[:, 0]  # [B, GREEDY_BLOCK]
+    within = jnp.where(block == row_max[:, None], jnp.arange(GREEDY_BLOCK, dtype=jnp.int32), GREEDY_BLOCK).min(-1)
+    return row_max, jnp.minimum(first * GREEDY_BLOCK + within, vocab - 1)  # a NaN row gives the last id
+
+
 def greedy(logits):
-    """Row-wise argmax [B, V] -> [B] int32 (first of ties), as a max and a min-reduction: XLA:CPU's
-    variadic argmax reduce took 2.5x as long on a 64 x 49,152 batch (7.2 vs 2.9 ms)."""
-    vocab = logits.shape[-1]
-    ids = jnp.where(logits == logits.max(-1, keepdims=True), jnp.arange(vocab, dtype=jnp.int32), vocab)
-    return jnp.minimum(ids.min(-1), vocab - 1)  # a NaN row (no max) gives the last id, never out of range
+    """Row-wise argmax [B, V] -> [B] int32, the first of ties."""
+    return max_and_argmax(logits)[1]
+
+
+def log_normalizer(logits, row_max):
+    """log(sum(exp(logits))) per row [B], given the row max (so the vocabulary is read once more)."""
+    m = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    return m + jnp.log(jnp.exp(logits - m[:, None]).sum(-1))
 
 
 def _bisect_threshold(values, enough, lo, hi, iterations: int = 40):
@@ -92,23 +117,33 @@ def _draw(logits, s: SamplingInputs):
     return jnp.where(s.temperature == 0, greedy(logits), drawn)
 
 
-def sample(logits, s: SamplingInputs, penalties: PenaltyState, want_logprobs):
-    """logits [B, V] float32 -> packed [B, PACKED_WIDTH] float32 (token ids are exact in float32)."""
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+def _adjusted_tokens(logits, s: SamplingInputs, penalties: PenaltyState):
+    """Tokens of a batch with penalties or random draws: penalties, then greedy or a draw per row."""
     any_penalty = jnp.any((s.repetition_penalty != 1) | (s.presence_penalty != 0) | (s.frequency_penalty != 0))
     logits = jax.lax.cond(any_penalty, lambda: apply_penalties(logits, s, penalties), lambda: logits)
-    tokens = jax.lax.cond(jnp.all(s.temperature == 0),  # an all-greedy batch skips the per-row sorts
-                          lambda: greedy(logits), lambda: _draw(logits, s))
-    token_logprob = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)
+    return jax.lax.cond(jnp.all(s.temperature == 0), lambda: greedy(logits), lambda: _draw(logits, s))
 
-    def top():
+
+def sample(logits, s: SamplingInputs, penalties: PenaltyState, want_logprobs):
+    """logits [B, V] float32 -> packed [B, PACKED_WIDTH] float32 (token ids are exact in float32).
+    An all-greedy batch without penalties takes the argmax found with the row max; log-probabilities
+    (another pass over the vocabulary) are computed only when a request in the batch asks for them,
+    else the packed logprob columns are zero."""
+    row_max, best = max_and_argmax(logits)
+    plain = jnp.all((s.temperature == 0) & (s.repetition_penalty == 1) & (s.presence_penalty == 0)
+                    & (s.frequency_penalty == 0))
+    tokens = jax.lax.cond(plain, lambda: best, lambda: _adjusted_tokens(logits, s, penalties))
+
+    def logprobs():
+        normalizer = log_normalizer(logits, row_max)[:, None]  # log-probabilities are logits - normalizer
         k = min(MAX_LOGPROBS, logits.shape[-1])
-        values, ids = jax.lax.top_k(raw_logprobs, k)
+        values, ids = jax.lax.top_k(logits, k)
         pad = ((0, 0), (0, MAX_LOGPROBS - k))
-        return jnp.concatenate([jnp.pad(ids.astype(jnp.float32), pad), jnp.pad(values, pad)], axis=-1)
+        return jnp.concatenate([jnp.take_along_axis(logits, tokens[:, None], axis=-1) - normalizer,
+                                jnp.pad(ids.astype(jnp.float32), pad), jnp.pad(values - normalizer, pad)], axis=-1)
 
-    tops = jax.lax.cond(want_logprobs, top, lambda: jnp.zeros((logits.shape[0], 2 * MAX_LOGPROBS), jnp.float32))
-    return jnp.concatenate([tokens[:, None].astype(jnp.float32), token_logprob, tops], axis=-1)
+    columns = jax.lax.cond(want_logprobs, logprobs, lambda: jnp.zeros((logits.shape[0], 1 + 2 * MAX_LOGPROBS)))
+    return jnp.concatenate([tokens[:, None].astype(jnp.float32), columns], axis=-1)
 
 
 def record_tokens(penalties: PenaltyState, slots, tokens, is_output) -> PenaltyState:
