@@ -19,6 +19,15 @@ import time
 import numpy as np
 
 
+def fastest_cpu_dtype() -> str:
+    """bfloat16 where the CPU has bfloat16 dot instructions, else float32."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return "float32"
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
 def run_engine(engine, prompts, output_len: int) -> dict:
     from jaxserve import SamplingParams
 
@@ -128,14 +137,16 @@ def main():
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--dtype", default="bfloat16", choices=["auto", "float32", "bfloat16"],
-                    help="weights (activations stay float32). bfloat16 dots run ~1.8x float32 on CPUs with "
-                         "AVX512-BF16; without it use float32")
+    ap.add_argument("--dtype", default="fastest", choices=["fastest", "auto", "float32", "bfloat16"],
+                    help="weights (activations stay float32). fastest: bfloat16 on CPUs with bfloat16 dot "
+                         "instructions (AVX512-BF16, AMX: ~1.8x float32), else float32 (AVX2 only: bfloat16 "
+                         "weights ran 1.3x slower)")
     ap.add_argument("--hf-dtypes", default=None,
                     help="comma-separated dtypes to time HF transformers in (default: the engine's)")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--prefix-len", type=int, default=1000)
+    ap.add_argument("--attention-backend", default="auto", help="auto | xla | native | pallas (the engine's)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -146,10 +157,11 @@ def main():
 
     rng = np.random.default_rng(0)
     prompts = rng.integers(100, 49000, (args.num_requests, args.input_len)).tolist()
-    model = load_model(args.model, dtype=args.dtype, progress=False)
+    model = load_model(args.model, dtype=fastest_cpu_dtype() if args.dtype == "fastest" else args.dtype, progress=False)
     t0 = time.perf_counter()
     engine = Engine(model, EngineConfig(max_num_seqs=args.max_num_seqs,
-                                        max_num_batched_tokens=args.max_num_batched_tokens))
+                                        max_num_batched_tokens=args.max_num_batched_tokens,
+                                        attention_backend=args.attention_backend))
     compile_s = time.perf_counter() - t0
     run_engine(engine, prompts[:4], 4)  # touch every path once
     ours = run_engine(engine, prompts, args.output_len)
@@ -161,7 +173,7 @@ def main():
     hf = {d: run_transformers(fetch_gguf(args.model), prompts, args.output_len, d) for d in hf_dtypes}
 
     print(f"workload: {args.num_requests} requests x {args.input_len} in / {args.output_len} out, "
-          f"EOS ignored; weights {model.dtype}; compile {compile_s:.1f}s")
+          f"EOS ignored; weights {model.dtype}; attention {engine.attention_impl}; compile {compile_s:.1f}s")
     print(f"{'system':<30}{'seconds':>9}{'out tok/s':>11}{'total tok/s':>13}")
     rows = [("jaxserve engine", ours), ("matmul-only ceiling", ceiling)]
     rows += [(f"HF transformers ({d})", r) for d, r in hf.items()]
@@ -180,7 +192,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"),
-                       "dtype": model.dtype, "compile_s": compile_s, "engine": ours, "matmul_ceiling": ceiling, "hf": hf,
+                       "dtype": model.dtype, "attention": engine.attention_impl, "compile_s": compile_s, "engine": ours, "matmul_ceiling": ceiling, "hf": hf,
                        "ratios": ratios, "prefix_cache": prefix}, f, indent=2, default=float)
 
 

@@ -47,13 +47,15 @@ def _sampling_options(args) -> dict:
 
 def _add_engine_options(p):
     from pallas_kernels.kv_quant import KV_CACHE_DTYPES  # no jax import: plain metadata
+    from jaxserve.ops.backends import ATTENTION_BACKENDS
 
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="format of the KV pages (auto: the model dtype)")
     p.add_argument("--kv-cache-memory", type=_size, default=None, help="bytes for KV pages, e.g. 2G (default 1G)")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "pallas"],
-                   help="auto: the platform's Pallas kernel on TPU/GPU, XLA on CPU")
+    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                   help="auto: the platform's Pallas kernel on TPU/GPU, the native C++ decode kernel "
+                        "(else XLA) on CPU")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step (prefill chunk)")
 
 

@@ -11,14 +11,14 @@ from tiny_models import hf_logits, make_hf_model, our_logits, save_safetensors
 
 
 @pytest.mark.parametrize("name, platform, impl", [
-    ("auto", "cpu", "xla"), ("auto", "tpu", "tpu"), ("auto", "gpu", "gpu"), ("xla", "gpu", "xla"),
+    ("auto", "cpu", "native"), ("auto", "tpu", "tpu"), ("auto", "gpu", "gpu"), ("xla", "gpu", "xla"),
     ("pallas", "tpu", "tpu"), ("pallas", "gpu", "gpu"), ("pallas", "cpu", "gpu-interpret")])
 def test_backend_choice(name, platform, impl):
     assert resolve_attention_backend(name, platform) == impl
 
 
 def test_unknown_backend():
-    with pytest.raises(ValueError, match="attention backend must be one of auto, xla, pallas"):
+    with pytest.raises(ValueError, match="attention backend must be one of auto, xla, native, pallas"):
         resolve_attention_backend("triton")
 
 

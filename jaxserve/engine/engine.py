@@ -39,7 +39,7 @@ class EngineConfig:
     max_model_len: int | None = None      # default: the model's context length
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"          # auto (the model dtype) | float32 | bfloat16 | fp8 | int8 | int4 | nvfp4
-    attention_backend: str = "auto"       # auto (the platform's kernel; XLA on CPU) | xla | pallas
+    attention_backend: str = "auto"       # auto (the platform's kernel; native on CPU) | xla | native | pallas
 
 
 @dataclasses.dataclass(frozen=True)

@@ -114,10 +114,11 @@ def ffn(p: dict, x, cfg: ModelConfig):
 
 def attention(q, kv: KVPages, layer, meta: AttentionMetadata, plan: AttentionPlan | None, impl: str,
               cfg: ModelConfig):
-    """The XLA path reuses the step's plan; kernels take the ragged metadata as it is."""
+    """The XLA path (and the native decode kernel beside it) reuses the step's plan; kernels take the
+    ragged metadata as it is."""
     opts = dict(sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
     if plan is not None:
-        return attend(q, kv, layer, plan, **opts)
+        return attend(q, kv, layer, plan, native_decode=impl == "native", **opts)
     return attention_impl(impl)(q, kv, layer, meta.kv_lens, meta.page_tables, meta.cu_q_lens, meta.num_seqs, **opts)
 
 
@@ -168,7 +169,7 @@ class DecoderStack(nnx.Module):
 
     def __call__(self, x, kv: KVPages, rope, meta: AttentionMetadata, impl: str, heads: HeadParallel | None):
         stacked = {name: getattr(self, name)[...] for name in layer_param_specs(self.cfg)}
-        plan = None if impl != "xla" else plan_attention(meta.kv_lens, meta.page_tables, meta.cu_q_lens,
+        plan = None if impl not in ("xla", "native") else plan_attention(meta.kv_lens, meta.page_tables, meta.cu_q_lens,
                                                          meta.num_seqs, x.shape[0])
 
         def body(carry, xs):
@@ -191,7 +192,7 @@ class Transformer(nnx.Module):
     def __call__(self, tokens, positions, kv: KVPages, meta: AttentionMetadata, attention_impl: str = "xla",
                  head_parallel: HeadParallel | None = None):
         """tokens, positions [T] int32 -> hidden states [T, D] (final norm applied), new cache.
-        attention_impl: xla | tpu | gpu | gpu-interpret (jaxserve.ops.backends); head_parallel: how
+        attention_impl: xla | native | tpu | gpu | gpu-interpret (jaxserve.ops.backends); head_parallel: how
         attention splits over a mesh (jaxserve.parallel.head_parallel), None on one device."""
         x = self.embed[...][tokens].astype(jnp.float32)  # the residual stream is float32 (see layers.py)
         rope = L.rope_cos_sin(positions, L.rope_inv_freq(self.cfg))  # inv_freq: a compile-time constant

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxserve.ops import native
 from pallas_kernels.kv_quant import KVPages, dequantize, dequantize_halves, quantize
 from pallas_kernels.ragged_paged_attention.common import fold_query, unfold_output
 
@@ -209,12 +210,18 @@ def plan_attention(kv_lens, page_tables, cu_q_lens, num_seqs, num_tokens: int, p
 
 
 def attend(q, kv: KVPages, layer, plan: AttentionPlan, *, sm_scale: float, sliding_window: int | None = None,
-           soft_cap: float | None = None, pages_per_block: int = 8, q_tile: int = 32):
-    """Attention of q [tokens, heads, head_dim] for one layer, given this step's plan."""
+           soft_cap: float | None = None, pages_per_block: int = 8, q_tile: int = 32, native_decode: bool = False):
+    """Attention of q [tokens, heads, head_dim] for one layer, given this step's plan. native_decode:
+    single-token queries go to the C++ kernel (jaxserve/ops/native) where it reads the page format."""
     spec = _Spec(sliding_window, soft_cap, pages_per_block, kv.page_size)
     qg = fold_query(q, kv, layer, sm_scale)  # [T, kvh, g, hd]
-    decode_spec = dataclasses.replace(spec, pages_per_block=DECODE_PAGES_PER_BLOCK)
-    out = _decode_part(qg, kv, layer, plan.token_tables, plan.position, plan.decode_ids, plan.num_decode, decode_spec)
+    if native_decode and not kv.format.packed:  # the kernel reads unpacked codes only
+        out = native.decode_attention(qg, kv.k, kv.v, layer, plan.token_tables, plan.position, plan.decode_ids,
+                                      plan.num_decode, sliding_window=sliding_window, soft_cap=soft_cap)
+    else:
+        decode_spec = dataclasses.replace(spec, pages_per_block=DECODE_PAGES_PER_BLOCK)
+        out = _decode_part(qg, kv, layer, plan.token_tables, plan.position, plan.decode_ids, plan.num_decode,
+                           decode_spec)
     out = _prefill_part(qg, kv, layer, plan.page_tables, plan.cu_q_lens, plan.kv_lens,
                         plan.prefill_seqs, plan.num_prefill, out, q_tile, spec)
     return unfold_output(out, kv, layer, q.dtype)
@@ -222,12 +229,13 @@ def attend(q, kv: KVPages, layer, plan: AttentionPlan, *, sm_scale: float, slidi
 
 def ragged_paged_attention_xla(q, kv: KVPages, layer, kv_lens, page_tables, cu_q_lens, num_seqs, *,
                                sm_scale: float, sliding_window: int | None = None,
-                               soft_cap: float | None = None, pages_per_block: int = 8, q_tile: int = 32):
+                               soft_cap: float | None = None, pages_per_block: int = 8, q_tile: int = 32,
+                               native_decode: bool = False):
     """The kernel contract: plan and attend in one call."""
     kv_lens, page_tables, cu_q_lens = (jnp.asarray(a, jnp.int32) for a in (kv_lens, page_tables, cu_q_lens))
     plan = plan_attention(kv_lens, page_tables, cu_q_lens, jnp.reshape(num_seqs, ()), q.shape[0], pages_per_block)
     return attend(q, kv, layer, plan, sm_scale=sm_scale, sliding_window=sliding_window,
-                  soft_cap=soft_cap, pages_per_block=pages_per_block, q_tile=q_tile)
+                  soft_cap=soft_cap, pages_per_block=pages_per_block, q_tile=q_tile, native_decode=native_decode)
 
 
 def write_kv(kv: KVPages, layer, k, v, slot_mapping) -> KVPages:
