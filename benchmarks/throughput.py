@@ -7,7 +7,9 @@ Random prompt ids, EOS ignored, all requests queued at once (as `vllm bench thro
 same run: HF transformers' batched `generate` on the same prompts (PyTorch CPU, by default in the
 engine's weight dtype; `--hf-dtypes float32,bfloat16` times both), and the
 model's weight matmuls alone for the same schedule of batches (the compute ceiling of the machine),
-plus time-to-first-token of a request sharing a long prefix with an earlier one (prefix caching).
+the roofline (the workload's weight-matmul FLOPs at the best dense GEMM rate measured on this machine,
+which bounds every implementation, HF's included), plus time-to-first-token of a request sharing a long
+prefix with an earlier one (prefix caching).
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import platform
 import time
 
 import numpy as np
+
+GEMM_SIZE = 2048  # square matmul that measures the machine's best GEMM rate (~17 GFLOP)
 
 
 def fastest_cpu_dtype() -> str:
@@ -96,6 +100,45 @@ def matmul_only_seconds(model, num_requests: int, input_len: int, output_len: in
     return (total_prefill // budget) * time_batch(budget) + time_batch(min(num_requests, max_num_seqs)) * decode_batches
 
 
+def weight_matmul_flops(cfg, num_requests: int, input_len: int, output_len: int) -> float:
+    """FLOPs of the workload's weight matmuls: each request runs its prompt and all but its last output
+    token through every layer's projections, and the LM head once per output token."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    layer_macs = cfg.num_layers * (cfg.hidden_size * (2 * q + 2 * kv) + 3 * cfg.hidden_size * cfg.intermediate_size)
+    head_macs = cfg.hidden_size * cfg.vocab_size
+    return 2.0 * num_requests * ((input_len + output_len - 1) * layer_macs + output_len * head_macs)
+
+
+def dense_gemm_peak(dtype: str, n: int = GEMM_SIZE) -> dict:
+    """Best rate (FLOP/s) of a large square matmul in the weights' dtype (float32 sums), by XLA and, when
+    installed, by PyTorch (HF's backend): what this machine's matmuls can reach at best."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxserve.models.layers import dense
+
+    def best_rate(run) -> float:
+        run()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        return 2.0 * n ** 3 / min(times)
+
+    a = jnp.ones((n, n), jnp.float32)
+    b = jnp.ones((n, n), dtype)
+    matmul = jax.jit(dense)
+    peaks = {"xla": best_rate(lambda: matmul(a, b).block_until_ready())}
+    try:
+        import torch
+    except ImportError:
+        return peaks
+    ta, tb = torch.ones(n, n, dtype=getattr(torch, dtype)), torch.ones(n, n, dtype=getattr(torch, dtype))
+    peaks["torch"] = best_rate(lambda: torch.matmul(ta, tb))
+    return peaks
+
+
 def run_transformers(gguf_path, prompts, output_len: int, dtype: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -168,6 +211,10 @@ def main():
     ceiling_s = matmul_only_seconds(model, args.num_requests, args.input_len, args.output_len,
                                     args.max_num_batched_tokens, args.max_num_seqs)
     ceiling = {"elapsed_s": ceiling_s, "output_throughput": args.num_requests * args.output_len / ceiling_s}
+    flops = weight_matmul_flops(model.config, args.num_requests, args.input_len, args.output_len)
+    peaks = dense_gemm_peak(model.dtype)
+    roofline = {"weight_matmul_flops": flops, "gemm_peak_flops": peaks, "elapsed_s": flops / max(peaks.values())}
+    roofline["output_throughput"] = args.num_requests * args.output_len / roofline["elapsed_s"]
     prefix = prefix_cache_ttft(engine, args.prefix_len, rng)
     hf_dtypes = [] if args.skip_hf else (args.hf_dtypes or model.dtype).split(",")
     hf = {d: run_transformers(fetch_gguf(args.model), prompts, args.output_len, d) for d in hf_dtypes}
@@ -175,24 +222,31 @@ def main():
     print(f"workload: {args.num_requests} requests x {args.input_len} in / {args.output_len} out, "
           f"EOS ignored; weights {model.dtype}; attention {engine.attention_impl}; compile {compile_s:.1f}s")
     print(f"{'system':<30}{'seconds':>9}{'out tok/s':>11}{'total tok/s':>13}")
-    rows = [("jaxserve engine", ours), ("matmul-only ceiling", ceiling)]
+    rows = [("jaxserve engine", ours), ("matmul-only ceiling", ceiling), ("roofline (best GEMM rate)", roofline)]
     rows += [(f"HF transformers ({d})", r) for d, r in hf.items()]
     for name, r in rows:
         print(f"{name:<30}{r['elapsed_s']:>9.2f}{r['output_throughput']:>11.1f}"
               f"{r.get('total_token_throughput', float('nan')):>13.1f}")
     print(f"TTFT mean {ours['mean_ttft_ms']:.0f} ms, p99 {ours['p99_ttft_ms']:.0f} ms; "
           f"TPOT mean {ours['mean_tpot_ms']:.1f} ms, p99 {ours['p99_tpot_ms']:.1f} ms")
-    ratios = {"vs_matmul_ceiling": ours["output_throughput"] / ceiling["output_throughput"]}
+    ratios = {"vs_matmul_ceiling": ours["output_throughput"] / ceiling["output_throughput"],
+              "vs_roofline": ours["output_throughput"] / roofline["output_throughput"]}
     for d, r in hf.items():
         ratios[f"vs_hf_transformers_{d}"] = ours["output_throughput"] / r["output_throughput"]
+        ratios[f"roofline_vs_hf_transformers_{d}"] = roofline["output_throughput"] / r["output_throughput"]
     print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    print(f"roofline: {flops / 1e12:.2f} TFLOP of weight matmuls; best {GEMM_SIZE}^3 {model.dtype} GEMM "
+          + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peaks.items()) + " GFLOP/s; engine ran "
+          f"{flops / ours['elapsed_s'] / 1e9:.0f} GFLOP/s"
+          + "".join(f", HF {d} {flops / r['elapsed_s'] / 1e9:.0f}" for d, r in hf.items()))
     print(f"prefix cache: {prefix['prefix_len']}-token shared prefix, TTFT cold {prefix['cold_ttft_ms']:.0f} ms, "
           f"cached {prefix['cached_ttft_ms']:.0f} ms ({prefix['speedup']:.1f}x, "
           f"{prefix['cached_prompt_tokens']} prompt tokens from cache)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"),
-                       "dtype": model.dtype, "attention": engine.attention_impl, "compile_s": compile_s, "engine": ours, "matmul_ceiling": ceiling, "hf": hf,
+                       "dtype": model.dtype, "attention": engine.attention_impl, "compile_s": compile_s,
+                       "engine": ours, "matmul_ceiling": ceiling, "roofline": roofline, "hf": hf,
                        "ratios": ratios, "prefix_cache": prefix}, f, indent=2, default=float)
 
 

@@ -7,6 +7,7 @@ from jaxserve import SamplingParams
 from jaxserve.checkpoint import load_model
 from jaxserve.engine.engine import Engine, EngineConfig
 from jaxserve.ops.backends import resolve_attention_backend
+from engine_runs import run_batch
 from tiny_models import hf_logits, make_hf_model, our_logits, save_safetensors
 
 
@@ -49,11 +50,6 @@ def test_engine_with_pallas_backend_and_quantized_pages(tiny):
         engine = Engine(model, EngineConfig(num_pages=32, max_num_seqs=4, max_num_batched_tokens=32,
                                             kv_cache_dtype="int8", attention_backend=backend))
         assert engine.attention_impl == ("xla" if backend == "xla" else "gpu-interpret")
-        ids = [engine.add_request(p, params) for p in prompts]
-        tokens = {i: [] for i in ids}
-        while engine.has_unfinished():
-            for d in engine.step():
-                tokens[d.request_id] += d.new_token_ids
-        outputs[backend] = [tokens[i] for i in ids]
+        outputs[backend] = run_batch(engine, prompts, params)
     assert outputs["pallas"] == outputs["xla"]
     assert all(len(t) == 6 for t in outputs["xla"])

@@ -16,6 +16,7 @@ from jaxserve.engine.engine import Engine, EngineConfig
 from jaxserve.ops import native
 from jaxserve.ops.attention import plan_attention, ragged_paged_attention_xla
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
+from engine_runs import run_batch
 from rpa_cases import BATCHES, TOLERANCE, make_case
 from tiny_models import make_hf_model, save_safetensors
 
@@ -92,15 +93,6 @@ def test_engine_tokens_match_the_xla_path(tiny_qwen2):
             engine = Engine(tiny_qwen2, EngineConfig(num_pages=48, max_num_seqs=4, max_num_batched_tokens=32,
                                                      kv_cache_dtype=kv_dtype, attention_backend=backend))
             assert engine.attention_impl == backend
-            outputs[backend] = _run(engine, prompts, params)
+            outputs[backend] = run_batch(engine, prompts, params)
         assert outputs["native"] == outputs["xla"]
         assert all(len(t) == 8 for t in outputs["xla"])
-
-
-def _run(engine, prompts, params):
-    ids = [engine.add_request(p, params) for p in prompts]
-    tokens = {i: [] for i in ids}
-    while engine.has_unfinished():
-        for d in engine.step():
-            tokens[d.request_id] += d.new_token_ids
-    return [tokens[i] for i in ids]
