@@ -17,16 +17,7 @@ import pathlib
 import platform
 import time
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n    ",
-    "Once upon a time, in a small village by the sea,",
-    "1, 2, 3, 5, 8, 13,",
-    "Translate to French: I like apples.",
-    "The three primary colors are",
-    "import numpy as np\nx = np.",
-    "Q: Why is the sky blue?\nA:",
-]
+PROMPTS = json.loads((pathlib.Path(__file__).parent / "data" / "prompts.json").read_text())  # as tests/test_smollm2.py
 TEXT = pathlib.Path(__file__).parent / "data" / "alice_ch1-3.txt"
 DTYPES = ("auto", "bfloat16", "fp8", "int8", "int4", "nvfp4")
 

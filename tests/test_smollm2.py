@@ -1,4 +1,7 @@
 """The real model: SmolLM2-135M-Instruct from its GGUF, against HF transformers loading the same file."""
+import json
+import pathlib
+
 import numpy as np
 import pytest
 import torch
@@ -7,16 +10,8 @@ from jaxserve import SamplingParams
 from jaxserve.checkpoint import convert, load_model
 from tiny_models import our_logits, save_safetensors
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n    ",
-    "Once upon a time, in a small village by the sea,",
-    "1, 2, 3, 5, 8, 13,",
-    "Translate to French: I like apples.",
-    "The three primary colors are",
-    "import numpy as np\nx = np.",
-    "Q: Why is the sky blue?\nA:",
-]
+# varied prompts (prose, code, numbers, chat-style), shared with benchmarks/kv_cache_quality.py
+PROMPTS = json.loads((pathlib.Path(__file__).parents[1] / "benchmarks" / "data" / "prompts.json").read_text())
 CHAT = [{"role": "user", "content": "Give me three tips for better sleep."}]
 
 

@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.kv_quant import KVFormat, KVPages, decode_float_codes, decode_scales
+from pallas_kernels.kv_quant import KVFormat, KVPages, decode_float_codes, decode_scales, unpack_halves
 from pallas_kernels.ragged_paged_attention.common import fold_query, unfold_output
 
 TARGET_PROGRAMS = 528  # ~4 per SM of an H100 (132 SMs): enough splits to fill the GPU
@@ -87,11 +87,10 @@ def _kv_parts(codes_ref, scales_ref, layer, pages, head, fmt: KVFormat):
     if not fmt.packed:
         vals = decode_float_codes(codes, fmt)  # bfloat16 / fp8 pages hold bits
         return [[vals if vals.dtype in (jnp.float32, jnp.bfloat16) else vals.astype(jnp.bfloat16)]]
-    c = codes.astype(jnp.int32)
-    if fmt.name == "int4":  # signed nibbles: shift the low one up, then arithmetic shifts down
-        halves = [lax.shift_right_arithmetic(c << 28, 28), lax.shift_right_arithmetic(c, 4)]
-        halves, unit = [x.astype(jnp.float32) for x in halves], 1.0
-    else:
+    if fmt.name == "int4":
+        halves, unit = list(unpack_halves(codes, fmt)), 1.0
+    else:  # e2m1 without float selects (see _e2m1_times_2_14)
+        c = codes.astype(jnp.int32)
         halves, unit = [_e2m1_times_2_14(c), _e2m1_times_2_14(lax.shift_right_logical(c, 4))], 2.0 ** 14
     ng = scales_ref.shape[-1] // 2  # block scales per half
     out = []
