@@ -35,7 +35,7 @@ def make_batch(fmt_name: str, batch: int, context: int, seed: int = 0):
     q = jnp.asarray(rng.standard_normal((batch, HEADS, HEAD_DIM)), jnp.float32)
     kv_lens = np.full(batch, context, np.int32)
     cu_q_lens = np.arange(batch + 1, dtype=np.int32)
-    return q, KVPages(k, v), kv_lens, tables, cu_q_lens
+    return q, KVPages(k, v, format=fmt), kv_lens, tables, cu_q_lens
 
 
 def step_time(native_decode: bool, q, kv, kv_lens, tables, cu_q_lens, repeats: int) -> float:

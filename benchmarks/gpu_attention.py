@@ -87,7 +87,7 @@ def random_pages(key, fmt, num_pages: int, kvh: int, d: int) -> KVPages:
         return jax.lax.bitcast_convert_type(s, f.scale_dtype)
 
     chan = (jax.random.uniform(k5, (1, kvh, d), jnp.float32, 0.001, 0.01) if f.quantized else None)
-    return KVPages(codes(k1), codes(k2), scales(k3), scales(k4), chan, chan)
+    return KVPages(codes(k1), codes(k2), scales(k3), scales(k4), chan, chan, format=f)
 
 
 def case_inputs(seed: int, model: str, batch: int, ctx: int):

@@ -37,7 +37,7 @@ def main():
     args = ap.parse_args()
 
     from jaxserve.checkpoint import load_model
-    from jaxserve.engine.engine import Engine, EngineConfig
+    from jaxserve.engine import Engine, EngineConfig
 
     model = load_model(args.model, progress=False)
     prompts = np.random.default_rng(0).integers(100, 49000, (args.num_requests, args.input_len)).tolist()

@@ -51,8 +51,8 @@ def offline_baseline(args, prompts) -> dict:
     from throughput import run_engine
 
     from jaxserve.checkpoint import load_model
-    from jaxserve.cli import _enable_compilation_cache, _size
-    from jaxserve.engine.engine import Engine, EngineConfig
+    from jaxserve.cli.options import enable_compilation_cache as _enable_compilation_cache, size as _size
+    from jaxserve.engine import Engine, EngineConfig
 
     _enable_compilation_cache()  # shares compiled steps with the server launched next
     kv = _size(args.kv_cache_memory) if args.kv_cache_memory else None

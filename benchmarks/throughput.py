@@ -196,7 +196,7 @@ def main():
 
     from jaxserve.checkpoint import load_model
     from jaxserve.checkpoint.registry import fetch_gguf
-    from jaxserve.engine.engine import Engine, EngineConfig
+    from jaxserve.engine import Engine, EngineConfig
 
     rng = np.random.default_rng(0)
     prompts = rng.integers(100, 49000, (args.num_requests, args.input_len)).tolist()
@@ -220,7 +220,7 @@ def main():
     hf = {d: run_transformers(fetch_gguf(args.model), prompts, args.output_len, d) for d in hf_dtypes}
 
     print(f"workload: {args.num_requests} requests x {args.input_len} in / {args.output_len} out, "
-          f"EOS ignored; weights {model.dtype}; attention {engine.attention_impl}; compile {compile_s:.1f}s")
+          f"EOS ignored; weights {model.dtype}; attention {engine.info().attention_backend}; compile {compile_s:.1f}s")
     print(f"{'system':<30}{'seconds':>9}{'out tok/s':>11}{'total tok/s':>13}")
     rows = [("jaxserve engine", ours), ("matmul-only ceiling", ceiling), ("roofline (best GEMM rate)", roofline)]
     rows += [(f"HF transformers ({d})", r) for d, r in hf.items()]
@@ -245,7 +245,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"),
-                       "dtype": model.dtype, "attention": engine.attention_impl, "compile_s": compile_s,
+                       "dtype": model.dtype, "attention": engine.info().attention_backend, "compile_s": compile_s,
                        "engine": ours, "matmul_ceiling": ceiling, "roofline": roofline, "hf": hf,
                        "ratios": ratios, "prefix_cache": prefix}, f, indent=2, default=float)
 

@@ -22,6 +22,21 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class LayerGroup:
+    """Consecutive decoder layers of one kind: their weights are stacked on a leading axis and run
+    under one scan. A model is a sequence of groups, so layers of different kinds (dense and MoE
+    FFNs) can mix; a dense model is one group."""
+    name: str    # the key of its stacked parameters ("layers" for the first group)
+    kind: str    # which layer body and FFN parameters: "dense"
+    start: int   # global index of its first layer (KV pages are indexed by global layer)
+    count: int
+
+    @property
+    def layers(self) -> range:
+        return range(self.start, self.start + self.count)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     architecture: str
     vocab_size: int
@@ -58,6 +73,11 @@ class ModelConfig:
     @property
     def q_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def layer_groups(self) -> tuple[LayerGroup, ...]:
+        """The model's layers as groups of one kind each, in order (see LayerGroup)."""
+        return (LayerGroup("layers", "dense", 0, self.num_layers),)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

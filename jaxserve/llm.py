@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence, Union
 
-from jaxserve.checkpoint import LoadedModel, load_model
+from jaxserve.checkpoint import LoadedModel
 from jaxserve.checkpoint.registry import DEFAULT_MODEL
-from jaxserve.engine.engine import Engine, EngineConfig, Usage
+from jaxserve.usage import Usage
+from jaxserve.engine import EngineConfig, load_engines
 from jaxserve.errors import InvalidRequestError
-from jaxserve.parallel import param_shardings, single_engine_mesh
+from jaxserve.parallel import single_engine_mesh
 from jaxserve.sampling_params import SamplingParams
 
 Prompt = Union[str, Sequence[int]]
@@ -43,13 +44,11 @@ class LLM:
                  mesh=None, **engine_options):
         """model: a known name, a checkpoint path, or an already loaded model (shared, not copied).
         mesh: None (one device), a jax Mesh with axis "tp", or text such as "tp=2" (jaxserve.parallel)."""
-        mesh = single_engine_mesh(mesh)
-        shardings = None if mesh is None else (lambda cfg: param_shardings(cfg, mesh))
-        loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, progress=progress,
-                                                                         shardings=shardings)
-        self.engine = Engine(loaded, EngineConfig(**engine_options), mesh)
+        config = EngineConfig(**engine_options)
+        (self.engine,) = load_engines(model, config, single_engine_mesh(mesh), dtype=dtype, progress=progress)
         self.tokenizer = self.engine.tokenizer
-        self.config = self.engine.model.config
+        self.info = self.engine.info()      # the engine's facts (EngineInfo)
+        self.config = self.info.model_config
 
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
@@ -63,25 +62,24 @@ class LLM:
         outputs: dict[str, RequestOutput] = {}
         try:
             for prompt, p in zip(prompts, params):
-                rid = self.engine.add_request(prompt, p)
-                outputs[rid] = RequestOutput(prompt if isinstance(prompt, str) else None,
-                                             self.engine.scheduler.get_request(rid).prompt_token_ids)
+                ids = self.engine.encode_prompt(prompt)
+                rid = self.engine.add_request(ids, p)
+                outputs[rid] = RequestOutput(prompt if isinstance(prompt, str) else None, ids)
         except Exception:
             for rid in outputs:  # a bad prompt fails the call but leaves the engine clean
                 self.engine.abort(rid)
             self.engine.step()
             raise
-        while self.engine.has_unfinished():
-            for d in self.engine.step():
-                out = outputs[d.request_id]
-                out.token_ids.extend(d.new_token_ids)
-                out.text += d.text
-                if d.logprobs:
-                    out.logprobs = (out.logprobs or []) + list(d.logprobs)
-                if d.prompt_logprobs is not None:
-                    out.prompt_logprobs = list(d.prompt_logprobs)
-                if d.finished:
-                    out.finish_reason, out.usage = d.finish_reason, d.usage
+        for d in self.engine.run_to_completion():
+            out = outputs[d.request_id]
+            out.token_ids.extend(d.new_token_ids)
+            out.text += d.text
+            if d.logprobs:
+                out.logprobs = (out.logprobs or []) + list(d.logprobs)
+            if d.prompt_logprobs is not None:
+                out.prompt_logprobs = list(d.prompt_logprobs)
+            if d.finished:
+                out.finish_reason, out.usage = d.finish_reason, d.usage
         return list(outputs.values())
 
     def chat(self, messages, params: SamplingParams | None = None) -> list[RequestOutput]:

@@ -13,7 +13,7 @@ import sys
 
 from tqdm import tqdm
 
-from jaxserve.engine.engine import Engine
+from jaxserve.engine import Engine
 from jaxserve.errors import InvalidRequestError
 from jaxserve.sampling_params import SamplingParams
 
@@ -39,8 +39,9 @@ def windows_of(ids: list[int], context: int) -> list[list[int]]:
 def perplexity(engine: Engine, ids: list[int], context: int, progress: bool | None = None) -> PerplexityResult:
     if context < 2:
         raise InvalidRequestError(f"context must be >= 2 tokens, got {context}")
-    if context >= engine.max_model_len:
-        raise InvalidRequestError(f"context ({context}) must be below the model context of {engine.max_model_len}")
+    info = engine.info()
+    if context >= info.max_model_len:
+        raise InvalidRequestError(f"context ({context}) must be below the model context of {info.max_model_len}")
     windows = windows_of(ids, context)
     if not windows:
         raise InvalidRequestError(f"the text has {len(ids)} token(s); at least 2 are needed")
@@ -48,14 +49,11 @@ def perplexity(engine: Engine, ids: list[int], context: int, progress: bool | No
     total, count = 0.0, 0
     show = sys.stderr.isatty() if progress is None else progress
     with tqdm(total=sum(len(w) - 1 for w in windows), unit="tok", disable=not show, desc="perplexity") as bar:
-        while pending:
-            for d in engine.step():
-                if d.prompt_logprobs is not None:
-                    scores = d.prompt_logprobs[1:]
-                    total += sum(scores)
-                    count += len(scores)
-                    bar.update(len(scores))
-                if d.finished:
-                    pending.discard(d.request_id)
+        for d in engine.run_to_completion():
+            if d.request_id in pending and d.prompt_logprobs is not None:
+                scores = d.prompt_logprobs[1:]
+                total += sum(scores)
+                count += len(scores)
+                bar.update(len(scores))
     nll = -total / count
-    return PerplexityResult(math.exp(nll), count, nll, len(windows), context, engine.kv_format.name)
+    return PerplexityResult(math.exp(nll), count, nll, len(windows), context, info.kv_cache_dtype)

@@ -1,6 +1,7 @@
-"""Quantized KV pages: the formats, how values are quantized when written, and how a block of
-pages is dequantized inside an attention kernel. Pure jnp, so the XLA path, the Pallas kernels
-(interpreted or compiled) and the references share one definition.
+"""Quantized KV pages: the page arrays (KVPages, which carry their format), how values are
+quantized when written, and how a block of pages is dequantized inside an attention kernel. Pure
+jnp, so the XLA path, the Pallas kernels (interpreted or compiled) and the references share one
+definition. The formats themselves (names, dtypes, sizes) are plain data in kv_formats.py.
 
 A value x of layer l, kv head h, channel d is stored as
 
@@ -11,7 +12,7 @@ A value x of layer l, kv head h, channel d is stored as
     page memory, so 8-bit pages hold exactly twice the tokens of bfloat16 pages. Kernels never
     multiply it into the pages: keys fold it into the query, values into the output.
   * `k_center` [layers, kv_heads, head_dim] float32, keys only: a static per-channel offset
-    (calibrated, jaxserve/engine/kv_calibration.py) subtracted before quantizing and never added
+    (calibrated, jaxserve/runner/kv_calibration.py) subtracted before quantizing and never added
     back. Every key a query sees is shifted by the same vector, so its scores move by one constant
     and softmax does not change; the codes then spend their range on how keys differ, not on the
     large offset most keys share. Not valid with a logit soft cap.
@@ -32,86 +33,29 @@ byte d, so unpacking is a concatenation of two halves.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-E2M1_MAX, E4M3_MAX = 6.0, 448.0
-FP8_HEADROOM = 4.0  # fp8 precision is relative, so headroom above the calibrated max costs nothing
-# int8 steps are uniform, so headroom costs resolution; but the 512 calibration tokens under-range
-# later positions of long contexts, and clipping them costs more. Alice ch. I-III, ctx 2048:
-# perplexity +1.81% at 1.0, +0.25% at 1.5, +0.42% at 2.0 (0.8: +7.5%).
-INT8_HEADROOM = 1.5
+from pallas_kernels.kv_formats import (E2M1_MAX, E4M3_MAX, FORMATS, FP8_HEADROOM, INT8_HEADROOM, KV_CACHE_DTYPES,
+                                       KVFormat, bytes_per_page, kv_format)
+
+__all__ = ["E2M1_MAX", "E4M3_MAX", "FORMATS", "FP8_HEADROOM", "INT8_HEADROOM", "KV_CACHE_DTYPES", "KVFormat",
+           "KVPages", "bytes_per_page", "channel_scales", "decode_float_codes", "decode_scales", "dequantize",
+           "dequantize_halves", "hadamard", "kv_format", "quantize", "rotate", "unpack_halves"]
+
 # 4-bit block scales tried per block: the e4m3 value just above absmax / top code, and the next ones
 # down (each e4m3 step is 6-12%). Alice ch. I-III, ctx 2048, nvfp4: +5.52% with fractions 1.0-0.8 of
 # absmax / 6 rounded to nearest, +4.74% with 5 steps down from the rounded-up value.
 SCALE_STEPS = 5
 _E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # between the magnitudes 0 .5 1 1.5 2 3 4 6
+_PAGE_FIELDS = ("k", "v", "k_scale", "v_scale", "k_chan", "v_chan", "k_center")
 
 
 @dataclasses.dataclass(frozen=True)
-class KVFormat:
-    name: str
-    codes_dtype: jnp.dtype
-    packed: bool = False          # two 4-bit codes per byte
-    group: int | None = None      # channels per block scale (None: no block scales)
-    scale_dtype: jnp.dtype | None = None
-    chan_max: float | None = None  # what the calibrated channel max maps to (None: no channel scale)
-    bits_of: jnp.dtype | None = None  # codes hold the bits of this float type (see below)
-    scale_bits_of: jnp.dtype | None = None  # block scales hold the bits of this float type
-
-    @property
-    def quantized(self) -> bool:
-        return self.chan_max is not None
-
-    def bytes_per_token_head(self, head_dim: int) -> float:
-        """Bytes one token of one kv head takes in the pages (keys or values alone)."""
-        codes = head_dim // 2 if self.packed else head_dim * jnp.dtype(self.codes_dtype).itemsize
-        scales = 0 if self.group is None else (head_dim // self.group) * jnp.dtype(self.scale_dtype).itemsize
-        return codes + scales
-
-
-# bfloat16 and fp8 pages (and e4m3 block scales) hold their bits as unsigned ints: XLA:CPU widens
-# sub-32-bit floats to float32 around scatters and gathers, which on a whole cache means copying it every layer
-# (measured: 4.8 s to write one token per layer into 1 GiB of bfloat16 pages vs 0.3 ms for int8).
-# Only the small blocks being written or read are bitcast.
-FORMATS = {
-    "float32": KVFormat("float32", jnp.dtype(jnp.float32)),
-    "bfloat16": KVFormat("bfloat16", jnp.dtype(jnp.uint16), bits_of=jnp.dtype(jnp.bfloat16)),
-    "fp8": KVFormat("fp8", jnp.dtype(jnp.uint8), chan_max=E4M3_MAX / FP8_HEADROOM, bits_of=jnp.dtype(jnp.float8_e4m3fn)),
-    "int8": KVFormat("int8", jnp.dtype(jnp.int8), chan_max=127.0 / INT8_HEADROOM),
-    # int4: codes -7..7 with an e4m3 scale per 16 channels (as nvfp4, so 4-bit formats differ only in
-    # their code grid). Alice ch. I-III before key centers: +4.91-5.43%, vs +5.64-6.00% with a float16
-    # scale per 32 channels (with key centers: +4.13%).
-    "int4": KVFormat("int4", jnp.dtype(jnp.int8), packed=True, group=16, scale_dtype=jnp.dtype(jnp.uint8),
-                     chan_max=7.0 * E4M3_MAX / FP8_HEADROOM, scale_bits_of=jnp.dtype(jnp.float8_e4m3fn)),
-    # nvfp4: e2m1 codes with an e4m3 scale per 16 channels; the channel scale plays NVIDIA's
-    # second-level (per-tensor) scale and maps the calibrated max to the top of the e4m3 range.
-    "nvfp4": KVFormat("nvfp4", jnp.dtype(jnp.uint8), packed=True, group=16, scale_dtype=jnp.dtype(jnp.uint8),
-                      chan_max=E2M1_MAX * E4M3_MAX / FP8_HEADROOM, scale_bits_of=jnp.dtype(jnp.float8_e4m3fn)),
-}
-KV_CACHE_DTYPES = ("auto",) + tuple(FORMATS)
-
-
-def kv_format(name: str, model_dtype=jnp.float32) -> KVFormat:
-    """`auto` stores pages in the model's dtype."""
-    if name == "auto":
-        name = jnp.dtype(model_dtype).name
-    if name not in FORMATS:
-        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {name!r}")
-    return FORMATS[name]
-
-
-def format_of(codes, scales) -> KVFormat:
-    """The format of page arrays, read off their dtypes (so kernels need no extra static argument)."""
-    if scales is None:
-        return next(f for f in FORMATS.values() if f.group is None and f.codes_dtype == codes.dtype)
-    return next(f for f in FORMATS.values() if f.packed and f.codes_dtype == codes.dtype)
-
-
-class KVPages(NamedTuple):
-    """The whole model's paged KV cache. Page 0 is the null page padding tokens write to."""
+class KVPages:
+    """The whole model's paged KV cache. Page 0 is the null page padding tokens write to. A pytree
+    whose arrays are its children and whose format is static data (kernels read `kv.format`)."""
     k: jax.Array                    # codes, see the module docstring
     v: jax.Array
     k_scale: jax.Array | None = None  # block scales (4-bit formats)
@@ -119,10 +63,14 @@ class KVPages(NamedTuple):
     k_chan: jax.Array | None = None   # [layers, kv_heads, head_dim] float32 (quantized formats)
     v_chan: jax.Array | None = None
     k_center: jax.Array | None = None  # [layers, kv_heads, head_dim] float32, rotated basis (see above)
+    format: KVFormat = dataclasses.field(kw_only=True)
 
-    @property
-    def format(self) -> KVFormat:
-        return format_of(self.k, self.k_scale)
+    def replace(self, **arrays) -> "KVPages":
+        return dataclasses.replace(self, **arrays)
+
+    def map(self, fn) -> "KVPages":
+        """fn(field name, array) for every array present (None stays None): specs, shardings, shapes."""
+        return self.replace(**{f: None if getattr(self, f) is None else fn(f, getattr(self, f)) for f in _PAGE_FIELDS})
 
     @property
     def page_arrays(self) -> tuple:
@@ -141,12 +89,10 @@ class KVPages(NamedTuple):
         scales = lambda: None if fmt.group is None else jnp.zeros(lead + (head_dim // fmt.group,), fmt.scale_dtype)  # noqa: E731
         if fmt.quantized and (k_chan is None or v_chan is None):
             raise ValueError(f"kv_cache_dtype {fmt.name} needs calibrated channel scales")
-        return cls(codes(), codes(), scales(), scales(), k_chan, v_chan, k_center)
+        return cls(codes(), codes(), scales(), scales(), k_chan, v_chan, k_center, format=fmt)
 
 
-def bytes_per_page(fmt: KVFormat, layers: int, page_size: int, kv_heads: int, head_dim: int) -> int:
-    """Real bytes of one page across all layers, keys and values."""
-    return int(2 * layers * page_size * kv_heads * fmt.bytes_per_token_head(head_dim))
+jax.tree_util.register_dataclass(KVPages, data_fields=list(_PAGE_FIELDS), meta_fields=["format"])
 
 
 def hadamard(d: int):

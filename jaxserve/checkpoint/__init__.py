@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 
 import jax
@@ -15,13 +16,15 @@ from tqdm import tqdm
 
 from jaxserve.checkpoint.gguf_io import load_gguf, open_gguf
 from jaxserve.checkpoint.names import numpy_dtype
-from jaxserve.checkpoint.orbax_io import is_orbax_checkpoint, load_orbax_config, restore_orbax, save_orbax
+from jaxserve.checkpoint.orbax_io import (check_destination, is_orbax_checkpoint, load_orbax_config, restore_orbax,
+                                          save_orbax)
 from jaxserve.checkpoint.registry import resolve_model
 from jaxserve.checkpoint.safetensors_io import load_safetensors_dir
 from jaxserve.config import ModelConfig
 from jaxserve.errors import CheckpointError
 from jaxserve.models import abstract_model
 from jaxserve.models.layers import as_stored
+from jaxserve.parallel.placement import param_shardings, place
 from jaxserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,7 @@ class LoadedModel:
     #                        as their uint16 bits (jaxserve.models.layers.as_stored / weight)
     tokenizer: Tokenizer | None
     dtype: str
+    name: str = ""         # what it was loaded as: a known model name or a checkpoint path
 
 
 def resolve_dtype(dtype: str) -> str:
@@ -85,48 +89,54 @@ def read_numpy_checkpoint(path: Path, dtype: str, progress: bool = True):
     raise CheckpointError(f"{path} is already a jaxserve checkpoint")
 
 
-def _abstract_params(cfg: ModelConfig, dtype: str, shardings):
+def _abstract_params(cfg: ModelConfig, dtype: str, shardings, mesh):
     graphdef, state = abstract_model(cfg, jnp.dtype(dtype))
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     pure = nnx.to_pure_dict(state)
-    if callable(shardings):  # built from the config, e.g. lambda cfg: param_shardings(cfg, mesh)
+    if mesh is not None:
+        shardings = param_shardings(cfg, mesh)
+    elif callable(shardings):  # built from the config, e.g. lambda cfg: param_shardings(cfg, mesh)
         shardings = shardings(cfg)
     if shardings is None:
+        default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: default, pure)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), pure, shardings)
     return graphdef, state, abstract
 
 
-def load_model(model: str | Path, dtype: str = "auto", shardings=None, progress: bool = True) -> LoadedModel:
-    """Loads a named default model or a local checkpoint. `shardings`: optional pytree of
-    jax.sharding.Sharding matching the params' pure dict, or a function of the ModelConfig returning
-    one (jaxserve.parallel.param_shardings); default is the first device."""
+def load_model(model: str | Path, dtype: str = "auto", shardings=None, progress: bool = True,
+               mesh=None) -> LoadedModel:
+    """Loads a named default model or a local checkpoint, every array straight into its sharding:
+    `mesh` (a jax Mesh: the logical-axis table's placement, jaxserve.parallel.param_shardings), or
+    `shardings` (a pytree of shardings matching the params' pure dict, or a function of the
+    ModelConfig returning one); default: the first device."""
     dtype = resolve_dtype(dtype)
     path = resolve_model(str(model), progress=progress)
     fmt = checkpoint_format(path)
     if fmt == "orbax":
         cfg = load_orbax_config(path)
-        graphdef, state, abstract = _abstract_params(cfg, dtype, shardings)
+        graphdef, state, abstract = _abstract_params(cfg, dtype, shardings, mesh)
         arrays = restore_orbax(path, abstract)
         tok = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
     else:
         cfg, arrays, tok = read_numpy_checkpoint(path, dtype, progress)
-        graphdef, state, abstract = _abstract_params(cfg, dtype, shardings)
-        arrays = jax.tree.map(lambda a, s: jax.device_put(a, s.sharding), arrays, abstract)
+        graphdef, state, abstract = _abstract_params(cfg, dtype, shardings, mesh)
+        arrays = place(arrays, jax.tree.map(lambda a: a.sharding, abstract))
     if jax.default_backend() == "cpu":
-        arrays["layers"] = {name: as_stored(w) for name, w in arrays["layers"].items()}
+        for group in cfg.layer_groups:
+            arrays[group.name] = {name: as_stored(w) for name, w in arrays[group.name].items()}
     nnx.replace_by_pure_dict(state, arrays)
     log.info("loaded %s (%s, %s): %d layers, %.1fM params", model, fmt, dtype, cfg.num_layers,
              sum(a.size for a in jax.tree.leaves(arrays)) / 1e6)
-    return LoadedModel(cfg, graphdef, state, tok, dtype)
+    return LoadedModel(cfg, graphdef, state, tok, dtype, str(model))
 
 
 def convert(src: Path, dst: Path, dtype: str = "float32", progress: bool = True) -> Path:
     """Converts a safetensors dir or GGUF file into a jaxserve orbax checkpoint at `dst`."""
     dtype = resolve_dtype(dtype)
+    check_destination(dst)  # before reading anything
     cfg, params, tok = read_numpy_checkpoint(Path(src), dtype, progress)
-    if progress:
-        tqdm.write(f"writing {dst}")
+    if progress:  # status goes to stderr: stdout is the command's answer (e.g. --json)
+        tqdm.write(f"writing {dst}", file=sys.stderr)
     save_orbax(Path(dst), cfg, params, tok, dtype)
     return Path(dst)
 

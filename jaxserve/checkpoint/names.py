@@ -1,5 +1,5 @@
 """The one table mapping our parameter names to HF and GGUF tensor names, and the assembler that
-stacks per-layer tensors into the model's [layers, ...] arrays, collecting every mismatch at once."""
+stacks per-layer tensors into each layer group's [layers, ...] arrays, collecting every mismatch at once."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -45,12 +45,14 @@ IGNORED = {"rotary_emb.inv_freq", "rope_freqs.weight"}
 
 
 def name_index(cfg: ModelConfig, fmt: str) -> dict[str, tuple[str, int | None]]:
-    """{checkpoint tensor name: (our name, layer index or None)} for fmt in {"hf", "gguf"}."""
+    """{checkpoint tensor name: (our name, global layer index or None)} for fmt in {"hf", "gguf"}."""
     specs = param_specs(cfg)
-    index = {getattr(TOP_TENSORS[n], fmt): (n, None) for n in specs if n != "layers"}
-    for n in specs["layers"]:
-        template = getattr(LAYER_TENSORS[n], fmt)
-        index.update({template.format(i=i): (n, i) for i in range(cfg.num_layers)})
+    groups = cfg.layer_groups
+    index = {getattr(TOP_TENSORS[n], fmt): (n, None) for n in specs if n not in {g.name for g in groups}}
+    for g in groups:
+        for n in specs[g.name]:
+            template = getattr(LAYER_TENSORS[n], fmt)
+            index.update({template.format(i=i): (n, i) for i in g.layers})
     return index
 
 
@@ -59,34 +61,51 @@ def numpy_dtype(dtype) -> np.dtype:
 
 
 class ParamAssembler:
-    """Fills the model's parameter arrays tensor by tensor, then reports all problems together."""
+    """Fills the model's parameter arrays tensor by tensor, then reports all problems together.
+    Per-layer tensors are stacked into their layer group's arrays ([group layers, ...])."""
 
     def __init__(self, cfg: ModelConfig, dtype, source: str):
         self.cfg, self.source = cfg, source
         self.specs = param_specs(cfg)
+        self.groups = cfg.layer_groups
         np_dtype = numpy_dtype(dtype)
-        self.params = {n: np.empty(s.shape, np_dtype) for n, s in self.specs.items() if n != "layers"}
-        self.params["layers"] = {n: np.empty(s.shape, np_dtype) for n, s in self.specs["layers"].items()}
+        group_names = {g.name for g in self.groups}
+        self.params = {n: np.empty(s.shape, np_dtype) for n, s in self.specs.items() if n not in group_names}
+        for g in self.groups:
+            self.params[g.name] = {n: np.empty(s.shape, np_dtype) for n, s in self.specs[g.name].items()}
         self.seen: set[tuple[str, int | None]] = set()
         self.problems: list[str] = []
+
+    def _target(self, name: str, layer: int | None) -> np.ndarray | None:
+        if layer is None:
+            return self.params[name]
+        for g in self.groups:
+            if layer in g.layers and name in self.params[g.name]:
+                return self.params[g.name][name][layer - g.start]
+        return None
 
     def put(self, name: str, layer: int | None, array: np.ndarray, transpose: bool):
         if transpose:
             array = array.T
-        target = self.params["layers"][name][layer] if layer is not None else self.params[name]
+        where = f"{name}[{layer}]" if layer is not None else name
+        target = self._target(name, layer)
+        if target is None:
+            self.problems.append(f"{where} is not a parameter of this model")
+            return
         if array.shape != target.shape:
-            where = f"{name}[{layer}]" if layer is not None else name
             self.problems.append(f"{where} has shape {array.shape}, expected {target.shape}")
             return
         target[...] = array
         self.seen.add((name, layer))
 
     def finish(self) -> dict:
-        missing = [n for n in self.specs if n != "layers" and (n, None) not in self.seen]
-        for n in self.specs["layers"]:
-            absent = [i for i in range(self.cfg.num_layers) if (n, i) not in self.seen]
-            if absent:
-                missing.append(f"{n} (layers {absent[0]}..{absent[-1]})" if len(absent) > 1 else f"{n}[{absent[0]}]")
+        group_names = {g.name for g in self.groups}
+        missing = [n for n in self.specs if n not in group_names and (n, None) not in self.seen]
+        for g in self.groups:
+            for n in self.specs[g.name]:
+                absent = [i for i in g.layers if (n, i) not in self.seen]
+                if absent:
+                    missing.append(f"{n} (layers {absent[0]}..{absent[-1]})" if len(absent) > 1 else f"{n}[{absent[0]}]")
         if missing:
             self.problems.append("missing " + ", ".join(missing))
         if self.problems:

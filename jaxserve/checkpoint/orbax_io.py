@@ -30,11 +30,17 @@ def is_orbax_checkpoint(path: Path) -> bool:
     return (Path(path) / "jaxserve.json").is_file()
 
 
-def save_orbax(dst: Path, cfg: ModelConfig, params: dict, tokenizer, dtype: str):
-    """Writes the checkpoint into a temporary sibling and renames it, so `dst` is never half-written."""
+def check_destination(dst: Path) -> Path:
+    """The absolute destination of a new checkpoint; CheckpointError if something is already there."""
     dst = Path(dst).absolute()
     if dst.exists():
         raise CheckpointError(f"{dst} already exists; remove it or choose another destination")
+    return dst
+
+
+def save_orbax(dst: Path, cfg: ModelConfig, params: dict, tokenizer, dtype: str):
+    """Writes the checkpoint into a temporary sibling and renames it, so `dst` is never half-written."""
+    dst = check_destination(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:

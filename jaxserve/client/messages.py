@@ -1,5 +1,5 @@
 """What the sync and async clients share: request building, result types, error mapping.
-No jax here: the client library stays light."""
+Only grpc and the generated protos: no engine code and no jax, so the client library stays light."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,8 +7,8 @@ from typing import Sequence
 
 import grpc
 
-from jaxserve.engine.request import Usage  # host-side, no jax
 from jaxserve.errors import JaxServeError as _BaseError
+from jaxserve.usage import Usage
 from jaxserve.v1 import jaxserve_pb2 as pb
 
 # Keyword sampling parameters, mirroring jaxserve.SamplingParams.

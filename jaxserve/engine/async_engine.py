@@ -19,7 +19,8 @@ import logging
 import threading
 from typing import AsyncIterator, Callable
 
-from jaxserve.engine.engine import Engine, RequestDelta
+from jaxserve.engine.engine import Engine
+from jaxserve.engine.outputs import RequestDelta
 from jaxserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -216,12 +217,10 @@ class AsyncEngine:
             log.exception("engine step after failure also failed")
 
     def _abort_everything(self) -> None:
-        sched = self.engine.scheduler
-        for request in list(sched.waiting) + list(sched.running):
-            try:
-                self.engine.abort(request.request_id)
-            except Exception:  # noqa: BLE001
-                log.exception("abort of %s failed", request.request_id)
+        try:
+            self.engine.abort_all()
+        except Exception:  # noqa: BLE001
+            log.exception("aborting every request failed")
 
     def _drain(self) -> None:
         """Shutdown: abort everything and deliver the final "abort" deltas."""

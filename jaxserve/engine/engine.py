@@ -1,59 +1,39 @@
-"""Engine: the narrow interface serving code depends on. add_request / abort / step.
+"""Engine: the narrow interface servers and jobs depend on.
 
-    plan = scheduler.schedule(); sampled = runner.execute(plan); scheduler.update(plan, sampled)
+    add_request / abort / abort_all / step / has_unfinished / run_to_completion / info / stats
 
-Host bookkeeping (scheduler, block manager, requests, detokenizers) never touches jax; the runner
-is the one bridge to the device.
+Inside, each step is the contract of jaxserve/core/plan.py:
+
+    plan = scheduler.schedule(); output = runner.execute(plan); scheduler.update(plan, output)
+
+Host bookkeeping (jaxserve/core: scheduler, block manager, requests, detokenizers) never touches
+jax; the runner (jaxserve/runner) is the one bridge to the device. Nothing outside this package
+reaches the scheduler, block manager, runner or model: they are the engine's own.
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
+from typing import Iterator
 
+import jax
 from jax.sharding import Mesh
 
 from jaxserve.checkpoint import LoadedModel
-from jaxserve.engine.block_manager import BlockManager
-from jaxserve.engine.detokenizer import IncrementalDetokenizer
-from jaxserve.engine.request import Request, RequestStatus, Usage
-from jaxserve.engine.runner import ModelRunner, RunnerOutput, SampledToken
-from jaxserve.engine.scheduler import Scheduler
+from jaxserve.core.block_manager import BlockManager
+from jaxserve.core.detokenizer import IncrementalDetokenizer
+from jaxserve.core.request import Request
+from jaxserve.core.scheduler import RequestUpdate, Scheduler
+from jaxserve.engine.config import EngineConfig
+from jaxserve.engine.outputs import EngineInfo, EngineStats, RequestDelta
 from jaxserve.errors import InvalidRequestError
-from jaxserve.ops.backends import resolve_attention_backend
+from jaxserve.ops.backends import select_attention_backend
 from jaxserve.parallel import check_engine_mesh, log_placement, num_shards, shard_params
+from jaxserve.runner.runner import ModelRunner
 from jaxserve.sampling_params import SamplingParams
-from pallas_kernels.kv_quant import KVFormat, bytes_per_page, kv_format
+from pallas_kernels.kv_formats import KVFormat, bytes_per_page, kv_format
 
 log = logging.getLogger(__name__)
-DEFAULT_KV_CACHE_MEMORY = 1 << 30
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    page_size: int = 16
-    num_pages: int | None = None          # wins over kv_cache_memory when set
-    kv_cache_memory: int | None = None    # bytes for KV pages per device; default 1 GiB
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512     # token budget per step (prefill chunks + decodes)
-    max_model_len: int | None = None      # default: the model's context length
-    enable_prefix_caching: bool = True
-    kv_cache_dtype: str = "auto"          # auto (the model dtype) | float32 | bfloat16 | fp8 | int8 | int4 | nvfp4
-    attention_backend: str = "auto"       # auto (the platform's kernel; native on CPU) | xla | native | pallas
-
-
-@dataclasses.dataclass(frozen=True)
-class RequestDelta:
-    """What one step added to one request."""
-    request_id: str
-    new_token_ids: tuple[int, ...]
-    text: str                          # text completed by the new tokens (stop strings excluded)
-    finished: bool
-    finish_reason: str | None          # "stop" | "length" | "abort"
-    usage: Usage
-    logprobs: tuple[SampledToken, ...] | None = None
-    prompt_logprobs: tuple[float | None, ...] | None = None  # with the first token: one per prompt token, first None
-    queue_time: float | None = None    # on the finished delta: seconds from arrival to first scheduled
 
 
 def kv_bytes_per_page(model: LoadedModel, page_size: int, fmt: KVFormat, mesh=None) -> int:
@@ -65,8 +45,9 @@ def kv_bytes_per_page(model: LoadedModel, page_size: int, fmt: KVFormat, mesh=No
 
 
 class Engine:
-    """mesh: None (one device) or a tensor-parallel jax Mesh with axis "tp" (jaxserve.parallel);
-    the model's params are placed on it unless they already are."""
+    """mesh: None (one device) or the engine's jax Mesh (axis "tp"; jaxserve.parallel). Params should
+    already be placed on it (load_model(..., mesh=...), or jaxserve.engine.load_engines); params
+    placed elsewhere are put there by the same route."""
 
     def __init__(self, model: LoadedModel, config: EngineConfig = EngineConfig(), mesh: Mesh | None = None):
         if mesh is not None:
@@ -76,23 +57,31 @@ class Engine:
         self.model, self.config, self.tokenizer, self.mesh = model, config, model.tokenizer, mesh
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         self.kv_format = kv_format(config.kv_cache_dtype, model.dtype)
-        self.attention_impl = resolve_attention_backend(config.attention_backend)
+        self.backend = select_attention_backend(config.attention_backend, self.kv_format)
         page_bytes = kv_bytes_per_page(model, config.page_size, self.kv_format, mesh)
-        memory = config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
-        num_pages = config.num_pages or max(2, memory // page_bytes)
+        num_pages = config.num_pages or max(2, config.kv_memory // page_bytes)
         self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         log.info("KV cache: %s, page size %d, %d pages (%.1f MiB per device), at most %d cached tokens; attention: %s",
                  self.kv_format.name, config.page_size, num_pages, num_pages * page_bytes / 2**20,
-                 self.max_cached_tokens, self.attention_impl)
+                 self.max_cached_tokens, self.backend.name)
         self.runner = ModelRunner(model, num_pages, config.page_size, config.max_num_seqs,
                                   config.max_num_batched_tokens, self.max_model_len, self.kv_format,
-                                  self.attention_impl, mesh)
+                                  self.backend, mesh)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else ())
-        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._info = self._make_info()
         self._aborted: list[Request] = []
-        self._prompt_logprobs: dict[str, dict[int, float]] = {}  # filled chunk by chunk, sent with the first token
         self._ids = itertools.count()
+
+    # --- what servers and jobs see -----------------------------------------------------------------
+    def info(self) -> EngineInfo:
+        return self._info
+
+    def stats(self) -> EngineStats:
+        bm, sched = self.block_manager, self.scheduler
+        return EngineStats(bm.num_usable_pages, bm.num_free_pages, bm.num_cached_pages, sched.num_running,
+                           sched.num_waiting, sched.prefix_cache_queries, sched.prefix_cache_hits,
+                           sched.num_preemptions, self.runner.compile_count)
 
     @property
     def max_cached_tokens(self) -> int:
@@ -105,27 +94,8 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished or bool(self._aborted)
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, priority: int = 0) -> str:
-        """Validates and queues one request; raises InvalidRequestError (naming the field) if bad."""
-        params = params or SamplingParams()
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
-        ids = self._prompt_ids(prompt)
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequestError(f"prompt has {len(ids)} tokens, more than the model context of "
-                                      f"{self.max_model_len} minus one token to generate")
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model context "
-                f"of {self.max_model_len} tokens")
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        request = Request(request_id, ids, params, self.eos_token_ids, priority=priority)
-        self.scheduler.add_request(request)  # checks KV capacity and duplicate ids
-        self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
-        return request_id
-
-    def _prompt_ids(self, prompt) -> list[int]:
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """The prompt's token ids, validated (text is tokenized); raises InvalidRequestError."""
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt is empty")
@@ -141,49 +111,75 @@ class Engine:
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}), got {bad[0]!r}")
         return ids
 
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, priority: int = 0) -> str:
+        """Validates and queues one request; raises InvalidRequestError (naming the field) if bad."""
+        params = params or SamplingParams()
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
+        ids = self.encode_prompt(prompt)
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(f"prompt has {len(ids)} tokens, more than the model context of "
+                                      f"{self.max_model_len} minus one token to generate")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model context "
+                f"of {self.max_model_len} tokens")
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
+        request = Request(request_id, ids, params, self.eos_token_ids, priority=priority, detokenizer=detokenizer)
+        self.scheduler.add_request(request)  # checks KV capacity and duplicate ids
+        return request_id
+
     def abort(self, request_id: str) -> bool:
+        """Ends a waiting or running request; its stream gets a final "abort" delta at the next step.
+        False when the id is unknown or already finished."""
         request = self.scheduler.get_request(request_id)
         if request is None or not self.scheduler.abort(request_id):
             return False
-        self.runner.release([request_id])
         self._aborted.append(request)
         return True
 
+    def abort_all(self) -> int:
+        """Aborts every unfinished request; returns how many."""
+        return sum(self.abort(rid) for rid in self.scheduler.unfinished_ids())
+
     def step(self) -> list[RequestDelta]:
-        deltas = [self._delta(r, (), "", None) for r in self._aborted]
+        """One step of every running request; the deltas it produced (aborted requests' final ones first)."""
+        deltas = [self._delta(r, (), "") for r in self._aborted]
         self._aborted.clear()
         plan = self.scheduler.schedule()
-        if plan.is_empty:
-            return deltas
-        out: RunnerOutput = self.runner.execute(plan)
-        sampled = out.sampled
-        for rid, scores in out.prompt_logprobs.items():
-            self._prompt_logprobs.setdefault(rid, {}).update(scores)
-        events = self.scheduler.update(plan, {rid: s.token_id for rid, s in sampled.items()})
-        for request, token in events:
-            detok = self._detokenizers[request.request_id]
-            text = detok.add(token)
-            if detok.stopped and not request.is_finished:
-                self.scheduler.finish(request.request_id, RequestStatus.FINISHED_STOPPED)
-            if request.is_finished and not detok.stopped:
-                text += detok.flush()
-            deltas.append(self._delta(request, (token,), text, sampled[request.request_id]))
-        return deltas
+        output = self.runner.execute(plan)
+        return deltas + [self._update_delta(u) for u in self.scheduler.update(plan, output)]
 
-    def _delta(self, request: Request, tokens, text: str, sampled: SampledToken | None) -> RequestDelta:
-        if request.is_finished:
-            self.runner.release([request.request_id])
-            self._detokenizers.pop(request.request_id, None)
-        usage = Usage(request.num_prompt_tokens, len(request.output_token_ids), request.num_cached_tokens)
-        logprobs = (sampled,) if sampled is not None and request.params.logprobs is not None else None
+    def run_to_completion(self) -> Iterator[RequestDelta]:
+        """Steps until no request is left, yielding every delta: the offline loop (LLM, jobs)."""
+        while self.has_unfinished():
+            yield from self.step()
+
+    # --- inside ------------------------------------------------------------------------------------
+    def _update_delta(self, update: RequestUpdate) -> RequestDelta:
+        request = update.request
+        logprobs = update.sampled if request.params.logprobs is not None else None
+        return self._delta(request, tuple(s.token_id for s in update.sampled), update.text, logprobs)
+
+    def _delta(self, request: Request, tokens, text: str, logprobs=None) -> RequestDelta:
+        usage = request.usage
         queue_time = None
         if request.is_finished and request.first_scheduled_time is not None:
             queue_time = request.first_scheduled_time - request.arrival_time
-        return RequestDelta(request.request_id, tuple(tokens), text, request.is_finished,
-                            request.finish_reason, usage, logprobs, self._take_prompt_logprobs(request), queue_time)
+        return RequestDelta(request.request_id, tuple(tokens), text, request.is_finished, request.finish_reason,
+                            usage, logprobs, request.take_prompt_logprobs(), queue_time)
 
-    def _take_prompt_logprobs(self, request: Request):
-        scores = self._prompt_logprobs.pop(request.request_id, None)
-        if scores is None:
-            return None
-        return (None,) + tuple(scores.get(p) for p in range(1, request.num_prompt_tokens))
+    def _make_info(self) -> EngineInfo:
+        tok, mesh = self.tokenizer, self.mesh
+        devices = tuple(d.id for d in mesh.devices.flat) if mesh is not None else (jax.devices()[0].id,)
+        return EngineInfo(
+            model=self.model.name, model_config=self.model.config, dtype=str(self.model.dtype),
+            max_model_len=self.max_model_len, eos_token_ids=tuple(sorted(self.eos_token_ids)),
+            has_tokenizer=tok is not None, has_chat_template=bool(tok and tok.chat_template),
+            platform=jax.default_backend(), attention_backend=self.backend.name,
+            kv_cache_dtype=self.kv_format.name, page_size=self.config.page_size,
+            num_pages=self.block_manager.num_usable_pages, max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+            mesh=tuple(mesh.shape.items()) if mesh is not None else (), devices=devices)

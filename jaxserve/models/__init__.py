@@ -5,11 +5,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxserve.config import ModelConfig
-from jaxserve.models.transformer import (AttentionMetadata, ParamSpec, Transformer, empty_kv_pages,
-                                        layer_param_specs, top_param_specs)
+from jaxserve.models.transformer import (ATTENTION_HEAD_AXES, KV_CHANNEL_AXES, KV_PAGE_AXES, ParamSpec, Transformer,
+                                        empty_kv_pages, kv_page_axes, layer_param_specs, top_param_specs)
+from jaxserve.ops.attention import AttentionMetadata
+from jaxserve.ops.backends import XLA, AttentionBackend
 from pallas_kernels.kv_quant import KVPages
 
-__all__ = ["AttentionMetadata", "KVPages", "empty_kv_pages", "ParamSpec", "Transformer", "abstract_model", "forward", "logits", "param_specs"]
+__all__ = ["ATTENTION_HEAD_AXES", "AttentionMetadata", "KVPages", "KV_CHANNEL_AXES", "KV_PAGE_AXES", "ParamSpec",
+           "Transformer", "abstract_model", "empty_kv_pages", "forward", "kv_page_axes", "logits", "param_specs"]
 
 
 def abstract_model(cfg: ModelConfig, dtype=jnp.float32):
@@ -18,15 +21,16 @@ def abstract_model(cfg: ModelConfig, dtype=jnp.float32):
 
 
 def param_specs(cfg: ModelConfig) -> dict:
-    """Nested {name: ParamSpec} matching the model's pure-dict state (minus constants)."""
-    return {**top_param_specs(cfg), "layers": layer_param_specs(cfg)}
+    """Nested {name: ParamSpec} matching the model's pure-dict state (minus constants): the top-level
+    parameters, then one dict of stacked layer parameters per layer group."""
+    return {**top_param_specs(cfg), **{g.name: layer_param_specs(cfg, g) for g in cfg.layer_groups}}
 
 
-def forward(graphdef, state, kv: KVPages, tokens, positions, meta: AttentionMetadata, attention_impl: str = "xla",
-            head_parallel=None):
+def forward(graphdef, state, kv: KVPages, tokens, positions, meta: AttentionMetadata,
+            backend: AttentionBackend = XLA, lmesh=None):
     """Pure forward over a flat token batch: hidden states [T, D] and the updated cache.
-    head_parallel: None on one device, else how attention splits over the mesh (jaxserve.parallel)."""
-    return nnx.merge(graphdef, state)(tokens, positions, kv, meta, attention_impl, head_parallel)
+    lmesh: None on one device, else the LogicalMesh attention splits over (jaxserve.parallel)."""
+    return nnx.merge(graphdef, state)(tokens, positions, kv, meta, backend, lmesh)
 
 
 def logits(graphdef, state, hidden):

@@ -1,25 +1,31 @@
 """The decoder-only transformer (Llama, Mistral, Qwen2, Qwen3, SmolLM2) in Flax NNX.
 
-Layer weights are stacked along a leading `layers` axis and run with `lax.scan`, so XLA compiles one
-layer body however deep the model is (on CPU, bfloat16 stacks are held as bits: layers.as_stored).
-Matrices are stored as [in, out]; matmuls go through layers.dense (float32 activations and sums).
-Every parameter carries its logical axes (`logical_axes` metadata) for the sharding table.
+Layers come in groups (ModelConfig.layer_groups): each group's weights are stacked along a leading
+axis and run with `lax.scan`, so XLA compiles one layer body per group however deep the model is
+(on CPU, bfloat16 stacks are held as bits: layers.as_stored); a model whose layers differ in kind
+(dense and MoE FFNs) is several groups run one after the other. Matrices are stored as [in, out];
+matmuls go through layers.dense (float32 activations and sums). Every parameter carries its logical
+axes (`logical_axes` metadata) for the sharding table, and so do the KV pages and the attention
+activations (below).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxserve.config import ModelConfig
+from jaxserve.config import LayerGroup, ModelConfig
 from jaxserve.models import layers as L
-from jaxserve.ops.attention import AttentionPlan, attend, plan_attention, write_kv
-from jaxserve.ops.backends import attention_impl
-from jaxserve.ops.head_parallel import HeadParallel
+from jaxserve.ops.attention import AttentionMetadata, write_kv
+from jaxserve.ops.backends import AttentionBackend
 from pallas_kernels.kv_quant import KVFormat, KVPages
+
+# Logical axes of the model's state and of attention's activations (parameters carry theirs in ParamSpec).
+KV_PAGE_AXES = ("layers", "pages", "page_slots", "kv_heads", "head_dim")  # codes and block scales
+KV_CHANNEL_AXES = ("layers", "kv_heads", "head_dim")                      # channel scales, key centers
+ATTENTION_HEAD_AXES = ("tokens", "kv_heads", "head_dim")  # q, k, v and the output inside attention
 
 
 def empty_kv_pages(cfg: ModelConfig, fmt: KVFormat, num_pages: int, page_size: int, k_chan=None, v_chan=None,
@@ -29,13 +35,9 @@ def empty_kv_pages(cfg: ModelConfig, fmt: KVFormat, num_pages: int, page_size: i
                          k_center)
 
 
-class AttentionMetadata(NamedTuple):
-    """Where a flat batch of tokens belongs (see jaxserve/ops/attention.py for the contract)."""
-    slot_mapping: jax.Array  # [tokens] flat KV slot each new token is written to
-    kv_lens: jax.Array       # [seqs]
-    page_tables: jax.Array   # [seqs, max_pages]
-    cu_q_lens: jax.Array     # [seqs + 1]
-    num_seqs: jax.Array      # []
+def kv_page_axes(kv: KVPages) -> KVPages:
+    """The logical axes of each array of `kv` (a KVPages of axis tuples, None where absent)."""
+    return kv.map(lambda field, _: KV_CHANNEL_AXES if field in ("k_chan", "v_chan", "k_center") else KV_PAGE_AXES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +47,11 @@ class ParamSpec:
     init: str = "normal"  # normal | ones | zeros
 
 
-def layer_param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
-    """Every per-layer parameter, stacked over layers. The single description of the layer."""
-    n, d, hd = cfg.num_layers, cfg.hidden_size, cfg.head_dim
+def layer_param_specs(cfg: ModelConfig, group: LayerGroup | None = None) -> dict[str, ParamSpec]:
+    """Every per-layer parameter of a group (default: the first), stacked over its layers. The single
+    description of the layer."""
+    group = group or cfg.layer_groups[0]
+    n, d, hd = group.count, cfg.hidden_size, cfg.head_dim
     q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
     specs = {
         "attn_norm": ParamSpec((n, d), ("layers", "embed"), "ones"),
@@ -66,15 +70,15 @@ def layer_param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
     if cfg.qk_norm:
         specs["q_norm"] = ParamSpec((n, hd), ("layers", "head_dim"), "ones")
         specs["k_norm"] = ParamSpec((n, hd), ("layers", "head_dim"), "ones")
-    specs.update(ffn_param_specs(cfg))
+    specs.update(ffn_param_specs(cfg, group))
     return specs
 
 
-def ffn_param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
-    """The FFN block's parameters. The MoE issue adds expert-stacked weights here."""
-    if cfg.num_experts:
-        raise NotImplementedError("MoE FFN blocks are not implemented yet")
-    n, d, f = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+def ffn_param_specs(cfg: ModelConfig, group: LayerGroup) -> dict[str, ParamSpec]:
+    """The FFN block's parameters for the group's kind. The MoE issue adds expert-stacked weights here."""
+    if group.kind != "dense":
+        raise NotImplementedError(f"{group.kind} FFN blocks are not implemented yet")
+    n, d, f = group.count, cfg.hidden_size, cfg.intermediate_size
     return {
         "w_gate": ParamSpec((n, d, f), ("layers", "embed", "ffw")),
         "w_up": ParamSpec((n, d, f), ("layers", "embed", "ffw")),
@@ -107,38 +111,44 @@ def _make_params(module: nnx.Module, specs: dict[str, ParamSpec], rngs: nnx.Rngs
         setattr(module, name, _make_param(spec, rngs.params(), dtype))
 
 
-def ffn(p: dict, x, cfg: ModelConfig):
-    """The FFN block of one layer; the MoE block replaces this for expert models."""
+def ffn(p: dict, x, cfg: ModelConfig, kind: str):
+    """The FFN block of one layer; MoE kinds replace this for expert layers."""
     return L.swiglu(x, p["w_gate"], p["w_up"], p["w_down"])
 
 
-def attention(q, kv: KVPages, layer, meta: AttentionMetadata, plan: AttentionPlan | None, impl: str,
-              cfg: ModelConfig):
-    """The XLA path (and the native decode kernel beside it) reuses the step's plan; kernels take the
-    ragged metadata as it is."""
-    opts = dict(sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
-    if plan is not None:
-        return attend(q, kv, layer, plan, native_decode=impl == "native", **opts)
-    return attention_impl(impl)(q, kv, layer, meta.kv_lens, meta.page_tables, meta.cu_q_lens, meta.num_seqs, **opts)
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """What every layer of one forward shares, static parts and per-step arrays alike."""
+    cfg: ModelConfig
+    backend: AttentionBackend
+    lmesh: object | None        # jaxserve.parallel.LogicalMesh that splits attention, or None (one device)
+    meta: AttentionMetadata
+    prepared: object            # backend.prepare(meta): the step's attention plan
+    rope: tuple                 # cos, sin [T, head_dim]
 
 
-def cache_and_attend(q, k, v, kv: KVPages, layer, meta: AttentionMetadata, plan: AttentionPlan | None,
-                     impl: str, cfg: ModelConfig, heads: HeadParallel | None):
+def cache_and_attend(q, k, v, kv: KVPages, layer, ctx: StepContext):
     """Writes the layer's new k, v [T, kv_heads, head_dim] to the cache and attends with q [T, heads,
-    head_dim]. Over a mesh (`heads`), each device does this for its own kv heads."""
-    def run(q, k, v, kv, layer, meta, plan):
-        kv = write_kv(kv, layer, k, v, meta.slot_mapping)
-        return attention(q, kv, layer, meta, plan, impl, cfg), kv
+    head_dim]. Over a mesh, each device does this for its own kv heads (no communication)."""
+    cfg, backend = ctx.cfg, ctx.backend
 
-    if heads is None:
-        return run(q, k, v, kv, layer, meta, plan)
-    return heads(run, q, k, v, kv, layer, meta, plan)
+    def run(q, k, v, kv, layer, slot_mapping, prepared):
+        kv = write_kv(kv, layer, k, v, slot_mapping)
+        out = backend(q, kv, layer, prepared, sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
+        return out, kv
+
+    args = (q, k, v, kv, layer, ctx.meta.slot_mapping, ctx.prepared)
+    if ctx.lmesh is None or not ctx.lmesh.splits:
+        return run(*args)
+    kv_axes = kv_page_axes(kv)
+    heads = ATTENTION_HEAD_AXES
+    return ctx.lmesh.shard_map(run, in_axes=(heads, heads, heads, kv_axes, (), (), ()),
+                               out_axes=(heads, kv_axes))(*args)
 
 
-def decoder_layer(p: dict, x, kv: KVPages, layer, rope, meta: AttentionMetadata, plan: AttentionPlan | None,
-                  impl: str, cfg: ModelConfig, heads: HeadParallel | None = None):
+def decoder_layer(p: dict, x, kv: KVPages, layer, kind: str, ctx: StepContext):
     """One layer over a flat token batch. x [T, D]; kv holds every layer's pages; `layer` picks ours."""
-    t = x.shape[0]
+    cfg, t = ctx.cfg, x.shape[0]
     h = L.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
     q, k, v = L.dense(h, p["wq"]), L.dense(h, p["wk"]), L.dense(h, p["wv"])
     if cfg.qkv_bias:
@@ -149,36 +159,35 @@ def decoder_layer(p: dict, x, kv: KVPages, layer, rope, meta: AttentionMetadata,
     if cfg.qk_norm:
         q = L.rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
         k = L.rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
-    cos, sin = rope
+    cos, sin = ctx.rope
     q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
-    attn, kv = cache_and_attend(q, k, v, kv, layer, meta, plan, impl, cfg, heads)
+    attn, kv = cache_and_attend(q, k, v, kv, layer, ctx)
     attn = L.dense(attn.reshape(t, cfg.num_heads * cfg.head_dim), p["wo"])
     if cfg.o_bias:
         attn = attn + p["bo"]
     x = x + attn
-    x = x + ffn(p, L.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), cfg)
+    x = x + ffn(p, L.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), cfg, kind)
     return x, kv
 
 
 class DecoderStack(nnx.Module):
-    """All decoder layers, their weights stacked along axis 0."""
+    """One group of decoder layers, their weights stacked along axis 0."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype):
-        self.cfg = cfg
-        _make_params(self, layer_param_specs(cfg), rngs, dtype)
+    def __init__(self, cfg: ModelConfig, group: LayerGroup, rngs: nnx.Rngs, dtype):
+        self.cfg, self.group = cfg, group
+        _make_params(self, layer_param_specs(cfg, group), rngs, dtype)
 
-    def __call__(self, x, kv: KVPages, rope, meta: AttentionMetadata, impl: str, heads: HeadParallel | None):
-        stacked = {name: getattr(self, name)[...] for name in layer_param_specs(self.cfg)}
-        plan = None if impl not in ("xla", "native") else plan_attention(meta.kv_lens, meta.page_tables, meta.cu_q_lens,
-                                                         meta.num_seqs, x.shape[0])
+    def __call__(self, x, kv: KVPages, ctx: StepContext):
+        stacked = {name: getattr(self, name)[...] for name in layer_param_specs(self.cfg, self.group)}
+        kind = self.group.kind
 
         def body(carry, xs):
             x, kv = carry
             p, layer = xs
             p = {name: L.weight(w) for name, w in p.items()}
-            return decoder_layer(p, x, kv, layer, rope, meta, plan, impl, self.cfg, heads), None
+            return decoder_layer(p, x, kv, layer, kind, ctx), None
 
-        layers = jnp.arange(self.cfg.num_layers)
+        layers = jnp.arange(self.group.start, self.group.start + self.group.count)
         (x, kv), _ = jax.lax.scan(body, (x, kv), (stacked, layers))
         return x, kv
 
@@ -187,16 +196,19 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype=jnp.float32):
         self.cfg = cfg
         _make_params(self, top_param_specs(cfg), rngs, dtype)
-        self.layers = DecoderStack(cfg, rngs, dtype)
+        for group in cfg.layer_groups:
+            setattr(self, group.name, DecoderStack(cfg, group, rngs, dtype))
 
-    def __call__(self, tokens, positions, kv: KVPages, meta: AttentionMetadata, attention_impl: str = "xla",
-                 head_parallel: HeadParallel | None = None):
+    def __call__(self, tokens, positions, kv: KVPages, meta: AttentionMetadata, backend: AttentionBackend,
+                 lmesh=None):
         """tokens, positions [T] int32 -> hidden states [T, D] (final norm applied), new cache.
-        attention_impl: xla | native | tpu | gpu | gpu-interpret (jaxserve.ops.backends); head_parallel: how
-        attention splits over a mesh (jaxserve.parallel.head_parallel), None on one device."""
+        backend: the attention implementation (jaxserve.ops.backends); lmesh: the LogicalMesh attention
+        splits over (jaxserve.parallel), None on one device."""
         x = self.embed[...][tokens].astype(jnp.float32)  # the residual stream is float32 (see layers.py)
         rope = L.rope_cos_sin(positions, L.rope_inv_freq(self.cfg))  # inv_freq: a compile-time constant
-        x, kv = self.layers(x, kv, rope, meta, attention_impl, head_parallel)
+        ctx = StepContext(self.cfg, backend, lmesh, meta, backend.prepare(meta, tokens.shape[0]), rope)
+        for group in self.cfg.layer_groups:
+            x, kv = getattr(self, group.name)(x, kv, ctx)
         return L.rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps), kv
 
     def logits(self, hidden):

@@ -180,6 +180,16 @@ def token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens: int):
     return jnp.where(valid, seq, -1), jnp.where(valid, position, -1)
 
 
+class AttentionMetadata(NamedTuple):
+    """Where a flat batch of tokens belongs: the contract's ragged metadata (see
+    pallas_kernels/ragged_paged_attention/common.py), built by the runner each step."""
+    slot_mapping: jax.Array  # [tokens] flat KV slot each new token is written to
+    kv_lens: jax.Array       # [seqs]
+    page_tables: jax.Array   # [seqs, max_pages]
+    cu_q_lens: jax.Array     # [seqs + 1]
+    num_seqs: jax.Array      # []
+
+
 class AttentionPlan(NamedTuple):
     """Who attends to what this step. It depends only on the batch layout, so the model builds it
     once per step and every layer reuses it."""
@@ -212,10 +222,12 @@ def plan_attention(kv_lens, page_tables, cu_q_lens, num_seqs, num_tokens: int, p
 def attend(q, kv: KVPages, layer, plan: AttentionPlan, *, sm_scale: float, sliding_window: int | None = None,
            soft_cap: float | None = None, pages_per_block: int = 8, q_tile: int = 32, native_decode: bool = False):
     """Attention of q [tokens, heads, head_dim] for one layer, given this step's plan. native_decode:
-    single-token queries go to the C++ kernel (jaxserve/ops/native) where it reads the page format."""
+    single-token queries go to the C++ kernel (jaxserve/ops/native), which reads unpacked pages only."""
     spec = _Spec(sliding_window, soft_cap, pages_per_block, kv.page_size)
     qg = fold_query(q, kv, layer, sm_scale)  # [T, kvh, g, hd]
-    if native_decode and not kv.format.packed:  # the kernel reads unpacked codes only
+    if native_decode and kv.format.packed:
+        raise ValueError(f"the native decode kernel does not read {kv.format.name} pages")
+    if native_decode:
         out = native.decode_attention(qg, kv.k, kv.v, layer, plan.token_tables, plan.position, plan.decode_ids,
                                       plan.num_decode, sliding_window=sliding_window, soft_cap=soft_cap)
     else:
@@ -246,4 +258,4 @@ def write_kv(kv: KVPages, layer, k, v, slot_mapping) -> KVPages:
     chan = lambda c: None if c is None else c[layer]  # noqa: E731
     (kc, ks), (vc, vs) = quantize(k, chan(kv.k_chan), fmt, chan(kv.k_center)), quantize(v, chan(kv.v_chan), fmt)
     put = lambda cache, new: None if cache is None else cache.at[layer, page, offset].set(new)  # noqa: E731
-    return kv._replace(k=put(kv.k, kc), v=put(kv.v, vc), k_scale=put(kv.k_scale, ks), v_scale=put(kv.v_scale, vs))
+    return kv.replace(k=put(kv.k, kc), v=put(kv.v, vc), k_scale=put(kv.k_scale, ks), v_scale=put(kv.v_scale, vs))

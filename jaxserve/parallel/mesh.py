@@ -1,8 +1,10 @@
-"""Device meshes from `--mesh tp=N[,dp=M]`.
+"""Device meshes from `--mesh tp=N[,dp=M]`, parsed once into a MeshSpec.
 
 tp: tensor parallelism inside one engine (weights, KV heads and FFN split over tp devices).
-dp: independent engine replicas (as vLLM's data-parallel serving), each over its own tp devices;
-the server builds one Engine per replica mesh and routes each request to the least loaded.
+dp: independent engine replicas (as vLLM's data-parallel serving), each over its own tp devices.
+A deployment is one device mesh with named axes (dp, tp); each replica's engine runs on its row, a
+sub-mesh with the one axis tp. Where arrays go on either is decided by the logical-axis table
+(rules.py); an axis the table does not map (dp) replicates them.
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-TP = "tp"  # the one axis name of every replica mesh
-MESH_AXES = ("tp", "dp")
+TP, DP = "tp", "dp"
+MESH_AXES = (TP, DP)           # what --mesh accepts, in the order help and errors list them
+DEVICE_ORDER = (DP, TP)        # axis order of the device mesh: a replica's devices are consecutive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +27,10 @@ class MeshSpec:
     @property
     def num_devices(self) -> int:
         return self.tp * self.dp
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {axis: getattr(self, axis) for axis in DEVICE_ORDER}
 
     def __str__(self) -> str:
         return f"tp={self.tp},dp={self.dp}"
@@ -56,30 +63,44 @@ def parse_mesh(text: str | None) -> MeshSpec:
     return MeshSpec(**sizes)
 
 
-def replica_meshes(spec: MeshSpec, devices=None) -> list[Mesh]:
-    """dp meshes with one axis "tp", replica i over devices [i*tp, (i+1)*tp) (consecutive devices
-    are the closest ones on GPU hosts and TPU slices)."""
+def as_mesh_spec(mesh: MeshSpec | str | None) -> MeshSpec:
+    return mesh if isinstance(mesh, MeshSpec) else parse_mesh(mesh)
+
+
+def device_mesh(spec: MeshSpec, devices=None) -> Mesh:
+    """The deployment's mesh: axes (dp, tp), replica i on devices [i*tp, (i+1)*tp) (consecutive
+    devices are the closest ones on GPU hosts and TPU slices)."""
     devices = list(jax.devices() if devices is None else devices)
     if len(devices) < spec.num_devices:
         raise ValueError(f"--mesh {spec}: needs {spec.num_devices} devices (tp x dp), "
                          f"but only {len(devices)} are available")
-    return [Mesh(np.asarray(devices[i * spec.tp:(i + 1) * spec.tp]), (TP,)) for i in range(spec.dp)]
+    grid = np.asarray(devices[:spec.num_devices], dtype=object).reshape(spec.dp, spec.tp)
+    return Mesh(grid, DEVICE_ORDER)
+
+
+def replica_meshes(spec: MeshSpec | Mesh, devices=None) -> list[Mesh]:
+    """The dp rows of the device mesh, each a mesh with the one axis "tp"."""
+    mesh = spec if isinstance(spec, Mesh) else device_mesh(spec, devices)
+    return [Mesh(row, (TP,)) for row in mesh.devices]
 
 
 def check_engine_mesh(mesh: Mesh):
-    """An engine runs on a mesh with the one axis "tp" (replicas are separate engines)."""
-    if tuple(mesh.axis_names) != (TP,):
-        raise ValueError(f"an engine mesh has the one axis {TP!r}, got axes {tuple(mesh.axis_names)} "
+    """An engine runs on a mesh of named axes (see MESH_AXES); replicas (dp) are separate engines."""
+    unknown = [a for a in mesh.axis_names if a not in MESH_AXES]
+    if unknown:
+        raise ValueError(f"an engine mesh has axes among {MESH_AXES}, got {tuple(mesh.axis_names)}")
+    if mesh.shape.get(DP, 1) > 1:
+        raise ValueError(f"an engine runs on one replica; got dp={mesh.shape[DP]} "
                          "(see jaxserve.parallel.replica_meshes)")
 
 
 def single_engine_mesh(mesh: Mesh | MeshSpec | str | None) -> Mesh | None:
     """A Mesh, MeshSpec or "tp=N" text -> the mesh of one engine (None: one device, no mesh).
-    dp > 1 means several engines, which the server builds, so it is refused here."""
+    dp > 1 means several engines (an EnginePool), so it is refused here."""
     if mesh is None or isinstance(mesh, Mesh):
         return mesh
-    spec = parse_mesh(mesh) if isinstance(mesh, str) else mesh
+    spec = as_mesh_spec(mesh)
     if spec.dp > 1:
         raise ValueError(f"mesh {spec}: one engine runs on one replica; dp > 1 (several replicas) "
-                         "is a server feature (jaxserve serve --mesh)")
+                         "needs an engine pool (jaxserve serve --mesh, jaxserve.engine.load_engines)")
     return None if spec.tp == 1 else replica_meshes(spec)[0]

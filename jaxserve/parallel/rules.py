@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from jaxserve.config import ModelConfig
 from jaxserve.parallel.mesh import TP
@@ -27,6 +27,7 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
     "pages": None,       # KV pages [layers, pages, page_slots, kv_heads, head_dim]
     "page_slots": None,
 }
+# No logical axis maps to dp: its rows are engine replicas, and each holds whole copies.
 
 # The count that must divide evenly for a logical axis to be split.
 LOGICAL_AXIS_COUNTS: dict[str, Callable[[ModelConfig], int]] = {
@@ -35,10 +36,6 @@ LOGICAL_AXIS_COUNTS: dict[str, Callable[[ModelConfig], int]] = {
     "ffw": lambda cfg: cfg.intermediate_size,
     "vocab": lambda cfg: cfg.vocab_size,
 }
-
-KV_PAGE_AXES = ("layers", "pages", "page_slots", "kv_heads", "head_dim")  # codes and block scales
-KV_CHANNEL_AXES = ("layers", "kv_heads", "head_dim")                      # channel scales
-ATTENTION_HEAD_AXES = ("tokens", "kv_heads", "head_dim")  # q, k, v and the output inside attention
 
 
 def mesh_axis(logical: str, cfg: ModelConfig, mesh: Mesh | None) -> str | None:
@@ -57,24 +54,19 @@ def num_shards(logical: str, cfg: ModelConfig, mesh: Mesh | None) -> int:
     return 1 if axis is None else mesh.shape[axis]
 
 
-def partition_spec(logical_axes: tuple[str, ...], cfg: ModelConfig, mesh: Mesh | None) -> PartitionSpec:
-    """PartitionSpec of an array with these logical axes. A mesh axis is used once at most: a later
-    logical axis mapping to an already used mesh axis is replicated."""
+def spec_of(mesh_axes) -> PartitionSpec:
+    """Mesh axes (or None) per array axis -> PartitionSpec, each mesh axis used once at most: a later
+    array axis mapping to an already used mesh axis is replicated."""
     used, spec = set(), []
-    for logical in logical_axes:
-        axis = mesh_axis(logical, cfg, mesh)
+    for axis in mesh_axes:
         spec.append(None if axis in used else axis)
         used.add(axis)
     return PartitionSpec(*spec)
 
 
-def logical_sharding(logical_axes: tuple[str, ...], cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, partition_spec(logical_axes, cfg, mesh))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    """Every device holds the whole array (host batches, penalty tables, sampled tokens)."""
-    return NamedSharding(mesh, PartitionSpec())
+def partition_spec(logical_axes: tuple[str, ...], cfg: ModelConfig, mesh: Mesh | None) -> PartitionSpec:
+    """PartitionSpec of an array with these logical axes on `mesh`."""
+    return spec_of(mesh_axis(logical, cfg, mesh) for logical in logical_axes)
 
 
 def describe_placement(cfg: ModelConfig, mesh: Mesh) -> str:

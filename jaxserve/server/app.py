@@ -16,8 +16,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from jaxserve.engine.pool import EnginePool
 from jaxserve.server.metrics import ServerMetrics
-from jaxserve.server.pool import EnginePool
 from jaxserve.server.service import JaxServeService, ServingInfo
 from jaxserve.v1 import jaxserve_pb2 as pb
 
@@ -42,29 +42,30 @@ def _lenient_parser(message_cls):
     return parse
 
 
-def _guarded(method, streaming: bool):
-    """Answers INVALID_ARGUMENT for undecodable requests (grpc itself would say INTERNAL)."""
+def _guarded(service: JaxServeService, method, streaming: bool):
+    """Answers INVALID_ARGUMENT for undecodable requests (grpc itself would say INTERNAL), counted
+    and logged like every other refusal."""
     if streaming:
         async def stream(request, context):
             if isinstance(request, _Malformed):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.text)
+                await service.refuse(context, None, grpc.StatusCode.INVALID_ARGUMENT, request.text)
             async for item in method(request, context):
                 yield item
         return stream
 
     async def unary(request, context):
         if isinstance(request, _Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.text)
+            await service.refuse(context, None, grpc.StatusCode.INVALID_ARGUMENT, request.text)
         return await method(request, context)
     return unary
 
 
-def register_service(servicer, server) -> None:
+def register_service(servicer: JaxServeService, server) -> None:
     """Adds every JaxServe method (from the proto descriptor) with lenient request parsing."""
     handlers = {}
     for m in pb.DESCRIPTOR.services_by_name["JaxServe"].methods:
         make = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
-        handlers[m.name] = make(_guarded(getattr(servicer, m.name), m.server_streaming),
+        handlers[m.name] = make(_guarded(servicer, getattr(servicer, m.name), m.server_streaming),
                                 request_deserializer=_lenient_parser(getattr(pb, m.input_type.name)),
                                 response_serializer=getattr(pb, m.output_type.name).SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
@@ -82,7 +83,7 @@ class ServerConfig:
 class Server:
     def __init__(self, pool: EnginePool, info: ServingInfo, config: ServerConfig):
         self.pool, self.config = pool, config
-        self.metrics = ServerMetrics(pool.engines)
+        self.metrics = ServerMetrics(pool, info.model_name)
         self.service = JaxServeService(pool, info, self.metrics)
         self.health = health.aio.HealthServicer()
         self.grpc = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -134,6 +135,7 @@ class Server:
         left = self.pool.in_flight
         await self.grpc.stop(grace=1.0)
         self.pool.shutdown()
+        self.service.refusals.flush()
         log.info("stopped after draining for %.1f s; %d requests aborted at the drain deadline",
                  asyncio.get_running_loop().time() - start, left)
 

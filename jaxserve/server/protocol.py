@@ -1,7 +1,7 @@
 """Conversions between the v1 protos and the engine's types. No grpc here, only messages."""
 from __future__ import annotations
 
-from jaxserve.engine.engine import RequestDelta
+from jaxserve.engine.outputs import EngineInfo, RequestDelta
 from jaxserve.errors import InvalidRequestError
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.v1 import jaxserve_pb2 as pb
@@ -67,11 +67,10 @@ def generate_response(delta: RequestDelta, timings: pb.Timings | None) -> pb.Gen
     return msg
 
 
-def model_info(name: str, model, max_model_len: int) -> pb.ModelInfo:
-    cfg, tok = model.config, model.tokenizer
+def model_info(name: str, info: EngineInfo) -> pb.ModelInfo:
+    cfg = info.model_config
     return pb.ModelInfo(
-        model=name, architecture=cfg.architecture, dtype=str(model.dtype), vocab_size=cfg.vocab_size,
-        max_model_len=max_model_len, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+        model=name, architecture=cfg.architecture, dtype=info.dtype, vocab_size=cfg.vocab_size,
+        max_model_len=info.max_model_len, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-        eos_token_ids=sorted(tok.eos_token_ids) if tok else [],
-        has_chat_template=bool(tok and tok.chat_template))
+        eos_token_ids=list(info.eos_token_ids), has_chat_template=info.has_chat_template)

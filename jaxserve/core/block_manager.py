@@ -14,7 +14,7 @@ import hashlib
 
 import numpy as np
 
-from jaxserve.engine.request import Request
+from jaxserve.core.request import Request
 
 NULL_PAGE = 0
 _ROOT_HASH = b""

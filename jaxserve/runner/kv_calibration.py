@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxserve.checkpoint import LoadedModel
 from jaxserve.models import AttentionMetadata, empty_kv_pages, forward
+from jaxserve.ops.backends import XLA
 from pallas_kernels.kv_quant import FORMATS, KVFormat, channel_scales, rotate
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,9 @@ def calibration_tokens(model: LoadedModel) -> list[int]:
     return list(ids)[:MAX_CALIBRATION_TOKENS]
 
 
-def _calibration_pass(graphdef, fmt: KVFormat, heads, params, kv, tokens, meta):
+def _calibration_pass(graphdef, fmt: KVFormat, lmesh, params, kv, tokens, meta):
     """-> key channel scales, value channel scales, key centers [layers, kv_heads, head_dim]."""
-    _, kv = forward(graphdef, params, kv, tokens, jnp.arange(tokens.shape[0], dtype=jnp.int32), meta, "xla", heads)
+    _, kv = forward(graphdef, params, kv, tokens, jnp.arange(tokens.shape[0], dtype=jnp.int32), meta, XLA, lmesh)
     # Pages of a quantized format hold rotated values, so scales and centers are of rotated values.
     n = tokens.shape[0]
     k, v = (rotate(x[:, 1:], fmt).reshape(x.shape[0], -1, *x.shape[3:])[:, :n] for x in (kv.k, kv.v))  # [L, n, H, D]
@@ -50,10 +51,10 @@ def _calibration_pass(graphdef, fmt: KVFormat, heads, params, kv, tokens, meta):
             channel_scales(jnp.abs(v).max(1), fmt), k_center)
 
 
-def calibrate(model: LoadedModel, fmt: KVFormat, heads=None):
+def calibrate(model: LoadedModel, fmt: KVFormat, lmesh=None):
     """-> (k_chan, v_chan, k_center) float32 [layers, kv_heads, head_dim]: the channel scales of
     `fmt` and the key centers (pallas_kernels/kv_quant.py).
-    heads: how attention splits over the model's mesh (jaxserve.parallel.head_parallel), or None."""
+    lmesh: the LogicalMesh the model's params live on (jaxserve.parallel.logical_mesh), or None."""
     ids = calibration_tokens(model)
     n = len(ids)
     pages = -(-n // _PAGE)
@@ -65,7 +66,7 @@ def calibrate(model: LoadedModel, fmt: KVFormat, heads=None):
         cu_q_lens=jnp.asarray([0, n], jnp.int32), num_seqs=jnp.asarray(1, jnp.int32))
     kv = empty_kv_pages(model.config, FORMATS["float32"], pages + 1, _PAGE)
     k_chan, v_chan, k_center = jax.jit(_calibration_pass, static_argnums=(0, 1, 2))(
-        model.graphdef, fmt, heads, model.params, kv, jnp.asarray(ids, jnp.int32), meta)
+        model.graphdef, fmt, lmesh, model.params, kv, jnp.asarray(ids, jnp.int32), meta)
     log.info("KV %s channel scales calibrated on %d tokens (|k - center| max %.1f, |v| max %.1f)",
              fmt.name, n, float(k_chan.max() * fmt.chan_max), float(v_chan.max() * fmt.chan_max))
     return k_chan, v_chan, k_center

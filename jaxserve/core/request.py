@@ -1,4 +1,5 @@
-"""One generation request as the paged engine tracks it on the host: tokens, progress and status.
+"""One generation request as the paged engine tracks it on the host: tokens, progress, status,
+its text so far and the rules that end it (EOS, stop tokens, length, stop strings).
 
 Pure Python: the scheduler and block manager read and advance these; the model runner never sees them.
 """
@@ -8,7 +9,9 @@ import dataclasses
 import enum
 import time
 
+from jaxserve.core.detokenizer import IncrementalDetokenizer
 from jaxserve.sampling_params import SamplingParams
+from jaxserve.usage import Usage
 
 
 class RequestStatus(enum.Enum):
@@ -32,14 +35,6 @@ _FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LE
                        RequestStatus.FINISHED_ABORTED})
 
 
-@dataclasses.dataclass(frozen=True)
-class Usage:
-    """Token counts of one request, as every API reports them."""
-    prompt_tokens: int
-    completion_tokens: int
-    cached_prompt_tokens: int  # prompt tokens served from the prefix cache
-
-
 @dataclasses.dataclass(eq=False)
 class Request:
     request_id: str
@@ -59,6 +54,10 @@ class Request:
     # The seed the sampler uses: params.seed, or one drawn once by the scheduler so that a
     # preempted request resamples the same tokens when it recomputes.
     sampling_seed: int | None = None
+    # Turns output tokens into text and finds stop strings; None: no text (no tokenizer given).
+    detokenizer: IncrementalDetokenizer | None = None
+    # prompt_logprobs: {position: log-probability} gathered chunk by chunk, sent with the first token.
+    prompt_logprobs: dict[int, float] | None = None
 
     def __post_init__(self):
         self.prompt_token_ids = list(self.prompt_token_ids)
@@ -86,6 +85,10 @@ class Request:
         return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
 
     @property
+    def usage(self) -> Usage:
+        return Usage(self.num_prompt_tokens, len(self.output_token_ids), self.num_cached_tokens)
+
+    @property
     def is_finished(self) -> bool:
         return self.status.is_finished
 
@@ -93,11 +96,14 @@ class Request:
     def finish_reason(self) -> str | None:
         return self.status.finish_reason
 
-    def append_token(self, token_id: int) -> None:
+    def append_token(self, token_id: int) -> str:
+        """Adds a generated token; returns the text it completes ("" without a detokenizer)."""
         self.output_token_ids.append(int(token_id))
+        return self.detokenizer.add(int(token_id)) if self.detokenizer is not None else ""
 
     def check_stop(self) -> RequestStatus | None:
-        """The finished status the last generated token implies, or None. Does not set `status`."""
+        """The finished status the last generated token implies, or None. Does not set `status`.
+        Stop tokens, EOS and length come first; a stop string in the text ends it too."""
         if not self.output_token_ids:
             return None
         last = self.output_token_ids[-1]
@@ -107,4 +113,20 @@ class Request:
             return RequestStatus.FINISHED_STOPPED
         if len(self.output_token_ids) >= self.params.max_tokens:
             return RequestStatus.FINISHED_LENGTH
+        if self.detokenizer is not None and self.detokenizer.stopped:
+            return RequestStatus.FINISHED_STOPPED
         return None
+
+    def final_text(self) -> str:
+        """At finish: text held back for an incomplete character, unless a stop string cut it."""
+        return self.detokenizer.flush() if self.detokenizer is not None else ""
+
+    def add_prompt_logprobs(self, scores: dict[int, float]) -> None:
+        self.prompt_logprobs = {**(self.prompt_logprobs or {}), **scores}
+
+    def take_prompt_logprobs(self) -> tuple[float | None, ...] | None:
+        """Once, with the first token: one per prompt token, the first None (nothing precedes it)."""
+        scores, self.prompt_logprobs = self.prompt_logprobs, None
+        if scores is None:
+            return None
+        return (None,) + tuple(scores.get(p) for p in range(1, self.num_prompt_tokens))

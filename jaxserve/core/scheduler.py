@@ -10,45 +10,23 @@ re-prefills prompt + output later (the prefix cache usually gives most of them b
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import random
 import time
+from typing import NamedTuple
 
-from jaxserve.engine.block_manager import BlockManager
-from jaxserve.engine.request import Request, RequestStatus
+from jaxserve.core.block_manager import BlockManager
+from jaxserve.core.plan import RunnerOutput, SampledToken, ScheduledChunk, StepPlan
+from jaxserve.core.request import Request, RequestStatus
 from jaxserve.errors import InvalidRequestError
-from jaxserve.sampling_params import SamplingParams
 
 _MAX_SEED = 2**31 - 1  # SamplingParams accepts seeds up to this
 
 
-@dataclasses.dataclass(frozen=True)
-class ScheduledChunk:
-    request_id: str
-    token_ids: tuple[int, ...]   # fed this step: a prompt chunk, or the last sampled token when decoding
-    start_position: int          # position of token_ids[0] (num_computed_tokens before this step)
-    page_table: tuple[int, ...]  # pages covering positions [0, start_position + len(token_ids))
-    samples: bool                # reaches the request's last known token, so a new token is sampled
-    params: SamplingParams
-    seed: int                    # params.seed, or one drawn once per request (stable across preemption)
-    history: tuple[int, ...]     # penalised requests at admission: tokens already cached (prefix hits), else ()
-    num_prompt_tokens: int
-    prompt_targets: tuple[int, ...] = ()  # prompt_logprobs: the prompt token after each fed token, while known
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-
-@dataclasses.dataclass(frozen=True)
-class StepPlan:
-    chunks: tuple[ScheduledChunk, ...]  # running requests first, then newly admitted
-    num_tokens: int                     # sum of chunk lengths, <= max_num_batched_tokens
-    preempted_ids: tuple[str, ...]
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.chunks
+class RequestUpdate(NamedTuple):
+    """What one step added to one request (`scheduler.update` returns one per request that got tokens)."""
+    request: Request
+    sampled: tuple[SampledToken, ...]  # the tokens appended, in order (stops at a finishing token)
+    text: str                          # the text they complete (stop strings cut, held-back text flushed at finish)
 
 
 def _queue_key(request: Request) -> tuple[int, float]:
@@ -70,7 +48,12 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._requests: dict[str, Request] = {}  # unfinished requests only
+        self._finished_ids: list[str] = []       # finished since the last plan (the runner releases them)
         self._seed_rng = random.Random()
+        # Prompt tokens looked up in / served from the prefix cache at first admission (engine stats).
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+        self.num_preemptions = 0
 
     # --- queue management --------------------------------------------------------------------
     @property
@@ -84,6 +67,9 @@ class Scheduler:
     @property
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def unfinished_ids(self) -> list[str]:
+        return [r.request_id for r in self.waiting + self.running]
 
     def get_request(self, request_id: str) -> Request | None:
         """The unfinished request with this id, or None (finished requests are forgotten)."""
@@ -123,7 +109,8 @@ class Scheduler:
         return True
 
     def finish(self, request_id: str, status: RequestStatus) -> None:
-        """End a request early (the engine calls this for stop strings). Unknown ids are ignored."""
+        """End a request: its pages are freed and the next plan tells the runner to release it.
+        Unknown ids are ignored."""
         if not status.is_finished:
             raise ValueError(f"finish needs a finished status, got {status}")
         request = self._requests.pop(request_id, None)
@@ -135,6 +122,7 @@ class Scheduler:
             self.waiting.remove(request)
         request.status = status
         self.block_manager.free(request_id)
+        self._finished_ids.append(request_id)
 
     # --- scheduling --------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
@@ -153,8 +141,9 @@ class Scheduler:
         # Admitting right after a preemption would take back the pages just freed: wait a step.
         if not preempted:
             chunks.extend(self._admit_waiting(budget))
+        finished, self._finished_ids = tuple(self._finished_ids), []
         return StepPlan(chunks=tuple(chunks), num_tokens=sum(c.num_tokens for c in chunks),
-                        preempted_ids=tuple(r.request_id for r in preempted))
+                        preempted_ids=tuple(r.request_id for r in preempted), finished_ids=finished)
 
     def _chunk_length(self, request: Request, num_computed: int, budget: int) -> int:
         num_new = min(request.num_tokens - num_computed, budget)
@@ -179,6 +168,7 @@ class Scheduler:
         self.block_manager.free(request.request_id)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        self.num_preemptions += 1
         request.status = RequestStatus.WAITING
         bisect.insort(self.waiting, request, key=_queue_key)
 
@@ -197,6 +187,8 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
+                self.prefix_cache_queries += request.num_prompt_tokens
+                self.prefix_cache_hits += request.num_cached_tokens
             bisect.insort(self.running, request, key=_queue_key)
             chunks.append(self._make_chunk(request, num_new, admitted=True))
             budget -= num_new
@@ -219,13 +211,14 @@ class Scheduler:
             prompt_targets=targets)
 
     # --- results -----------------------------------------------------------------------------
-    def update(self, plan: StepPlan, sampled: dict[str, int]) -> list[tuple[Request, int]]:
-        """Advance every chunk's request by what the step computed and append sampled tokens.
+    def update(self, plan: StepPlan, output: RunnerOutput) -> list[RequestUpdate]:
+        """Advance every chunk's request by what the step computed and append its accepted tokens,
+        checking after each whether the request ends (EOS, stop token, length, stop string).
 
-        Returns (request, token) for each request that got a token, finished ones included (their
-        status set, pages freed). Chunks of requests aborted since `schedule` are skipped.
+        Returns one update per request that got tokens, finished ones included (their status set,
+        pages freed). Chunks of requests aborted since `schedule` are skipped.
         """
-        new_tokens = []
+        updates = []
         for chunk in plan.chunks:
             request = self._requests.get(chunk.request_id)
             if request is None or request.status is not RequestStatus.RUNNING:
@@ -234,14 +227,24 @@ class Scheduler:
                 raise RuntimeError(f"plan for {chunk.request_id!r} is stale (applied twice?)")
             request.num_computed_tokens += chunk.num_tokens
             self.block_manager.cache_full_pages(request)
+            if chunk.request_id in output.prompt_logprobs:
+                request.add_prompt_logprobs(output.prompt_logprobs[chunk.request_id])
             if not chunk.samples:
                 continue
-            if chunk.request_id not in sampled:
+            if not output.sampled.get(chunk.request_id):
                 raise KeyError(f"no sampled token for request {chunk.request_id!r}")
-            token = int(sampled[chunk.request_id])
-            request.append_token(token)
+            updates.append(self._append(request, output.sampled[chunk.request_id]))
+        return updates
+
+    def _append(self, request: Request, sampled: tuple[SampledToken, ...]) -> RequestUpdate:
+        """Appends accepted tokens until one ends the request; the rest are dropped."""
+        text, taken = "", []
+        for s in sampled:
+            text += request.append_token(s.token_id)
+            taken.append(s)
             stop = request.check_stop()
             if stop is not None:
                 self.finish(request.request_id, stop)
-            new_tokens.append((request, token))
-        return new_tokens
+                text += request.final_text()
+                break
+        return RequestUpdate(request, tuple(taken), text)

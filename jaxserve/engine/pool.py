@@ -1,9 +1,10 @@
-"""EnginePool: the server's engines (one per data-parallel replica), each on its own thread.
+"""EnginePool: engines (one per data-parallel replica), each driven by its own AsyncEngine thread,
+for the gRPC server and batch jobs alike.
 
 A new request goes to the replica with the fewest requests in flight; the pool remembers where
 each request lives so Abort finds it. Admission control lives here too: at most
-`max_num_seqs` running plus `max_queued_requests` waiting per pool; beyond that the server
-answers RESOURCE_EXHAUSTED instead of queueing without bound.
+`max_num_seqs` running plus `max_queued_requests` waiting per pool; beyond that `generate` raises
+QueueFullError (the server answers RESOURCE_EXHAUSTED) instead of queueing without bound.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import dataclasses
 from typing import AsyncIterator
 
 from jaxserve.engine.async_engine import AsyncEngine
-from jaxserve.engine.engine import Engine, RequestDelta
+from jaxserve.engine.engine import Engine
+from jaxserve.engine.outputs import EngineInfo, EngineStats, RequestDelta
 from jaxserve.sampling_params import SamplingParams
 
 
@@ -31,21 +33,37 @@ class PoolStats:
     running: int
     waiting: int
     in_flight: int
+    kv_cache_usage: float  # mean over replicas
 
 
-def _engine_stats(engine: Engine) -> tuple[int, int, int, int]:
-    bm, sched = engine.block_manager, engine.scheduler
-    return bm.num_usable_pages, bm.num_free_pages, sched.num_running, sched.num_waiting
+def _sum_stats(per_replica: list[EngineStats], in_flight: int) -> PoolStats:
+    return PoolStats(sum(s.pages_total for s in per_replica), sum(s.pages_free for s in per_replica),
+                     sum(s.num_running for s in per_replica), sum(s.num_waiting for s in per_replica), in_flight,
+                     sum(s.kv_cache_usage for s in per_replica) / len(per_replica))
 
 
 class EnginePool:
     def __init__(self, engines: list[Engine], max_queued_requests: int):
         if not engines:
             raise ValueError("EnginePool needs at least one engine")
-        self.engines = engines
         self.replicas = [AsyncEngine(e) for e in engines]
-        self.capacity = sum(e.config.max_num_seqs for e in engines) + max_queued_requests
+        self._engines = engines
+        self.max_queued_requests = max_queued_requests
+        self.capacity = sum(e.info().max_num_seqs for e in engines) + max_queued_requests
         self._where: dict[str, int] = {}  # request id -> replica index, while in flight
+
+    @property
+    def info(self) -> EngineInfo:
+        """The first replica's facts (the model and limits are the same on every replica)."""
+        return self._engines[0].info()
+
+    @property
+    def tokenizer(self):
+        return self._engines[0].tokenizer
+
+    @property
+    def num_replicas(self) -> int:
+        return len(self._engines)
 
     @property
     def in_flight(self) -> int:
@@ -82,9 +100,14 @@ class EnginePool:
         return index is not None and await self.replicas[index].abort(request_id)
 
     async def stats(self) -> PoolStats:
-        per_replica = [await r.call(_engine_stats) for r in self.replicas]
-        total, free, running, waiting = (sum(column) for column in zip(*per_replica))
-        return PoolStats(total, free, running, waiting, self.in_flight)
+        """Counters read on each engine's thread, between steps."""
+        per_replica = [await r.call(Engine.stats) for r in self.replicas]
+        return _sum_stats(per_replica, self.in_flight)
+
+    def snapshot(self) -> PoolStats:
+        """The same counters read from this thread without waiting (plain ints; at worst one step
+        stale): for metrics scrapes, which must not queue behind a step."""
+        return _sum_stats([e.stats() for e in self._engines], self.in_flight)
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
         for r in self.replicas:

@@ -1,0 +1,34 @@
+"""EngineConfig: the engine's options, validated by name. No jax import (the CLI builds one before
+any heavy import)."""
+from __future__ import annotations
+
+import dataclasses
+
+from jaxserve.ops.backends import ATTENTION_BACKENDS
+from pallas_kernels.kv_formats import KV_CACHE_DTYPES
+
+DEFAULT_KV_CACHE_MEMORY = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    page_size: int = 16
+    num_pages: int | None = None          # wins over kv_cache_memory when set
+    kv_cache_memory: int | None = None    # bytes for KV pages per device; default 1 GiB
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512     # token budget per step (prefill chunks + decodes)
+    max_model_len: int | None = None      # default: the model's context length
+    enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"          # auto (the model dtype) | float32 | bfloat16 | fp8 | int8 | int4 | nvfp4
+    attention_backend: str = "auto"       # auto (the platform's kernel; native on CPU) | xla | native | pallas
+
+    def __post_init__(self):
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}; "
+                             f"got {self.attention_backend!r}")
+
+    @property
+    def kv_memory(self) -> int:
+        return self.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
