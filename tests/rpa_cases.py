@@ -66,7 +66,7 @@ def make_case(seed: int, fmt: str, q_lens, kv_lens, *, page_size=16, head_dim=64
 
 def _quantize_pages(k, v, f, center_keys=False) -> KVPages:
     if not f.quantized:
-        return KVPages(quantize(k, None, f)[0], quantize(v, None, f)[0])
+        return KVPages(quantize(k, None, f)[0], quantize(v, None, f)[0], format=f)
     zero = jnp.zeros((k.shape[0],) + k.shape[3:], jnp.float32)  # [layers, kv_heads, head_dim]
     k_center = jnp.median(rotate(k, f), axis=(1, 2)) if center_keys else zero
     k_chan = channel_scales(jnp.abs(rotate(k, f) - k_center[:, None, None]).max(axis=(1, 2)), f)
@@ -80,7 +80,7 @@ def _quantize_pages(k, v, f, center_keys=False) -> KVPages:
         return codes, scales
 
     (kc, ks), (vc, vs) = per_layer(k, k_chan, k_center), per_layer(v, v_chan, zero)
-    return KVPages(kc, vc, ks, vs, k_chan, v_chan, k_center if center_keys else None)
+    return KVPages(kc, vc, ks, vs, k_chan, v_chan, k_center if center_keys else None, format=f)
 
 
 # Batches every implementation is tested on: (name, q_lens, kv_lens).
@@ -90,3 +90,27 @@ BATCHES = [
     ("mixed", [1, 9, 1, 33, 1], [31, 40, 32, 33, 1]),   # prefill chunks after cached prefixes
     ("long", [1, 70], [100, 70]),
 ]
+
+
+def reference(case: Case, **kwargs):
+    """The pure-JAX reference on `case`, jitted with the lengths as constants (eager, its many small
+    ops each compile on first use: ten times slower)."""
+    from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
+
+    lengths = (case.kv_lens, case.page_tables, case.cu_q_lens, case.num_seqs)
+    return jax.jit(lambda q, kv: ragged_paged_attention_reference(q, kv, case.layer, *lengths, **kwargs))(case.q, case.kv)
+
+
+def xla_path(case: Case, **kwargs):
+    """The XLA path (jaxserve.ops.attention) on `case`, jitted as the engine runs it."""
+    from jaxserve.ops.attention import ragged_paged_attention_xla
+
+    static = tuple(kwargs)
+    return jax.jit(ragged_paged_attention_xla, static_argnames=static)(*case.args(), **kwargs)
+
+
+def batch_params(quick=("mixed",)):
+    """BATCHES as pytest params; those not in `quick` are marked slow (pytest -m "not slow" runs fewer)."""
+    import pytest
+
+    return [pytest.param(b, id=b[0], marks=() if b[0] in quick else pytest.mark.slow) for b in BATCHES]

@@ -22,6 +22,7 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, model: str, *args: str, env: dict | None = None):
+        self.model = model
         self.port, self.metrics_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="jaxserve-server-", suffix=".log", delete=False)

@@ -5,13 +5,13 @@ import time
 import pytest
 
 from jaxserve import SamplingParams
-from jaxserve.checkpoint import load_model
-from jaxserve.engine.async_engine import AsyncEngine, EngineDeadError
-from jaxserve.engine.engine import Engine, EngineConfig
+from jaxserve.engine import AsyncEngine, EngineDeadError
+from jaxserve.engine import Engine, EngineConfig
 from jaxserve.errors import InvalidRequestError
 
 pytestmark = pytest.mark.slow
 
+from engine_runs import SERVER_ENGINE  # noqa: E402
 from test_smollm2 import PROMPTS  # noqa: E402  (the same varied prompts as the parity test)
 
 
@@ -32,9 +32,8 @@ def run_alone(engine, prompt, params):
 
 
 @pytest.fixture(scope="module")
-def engine(smollm2_gguf):
-    model = load_model(str(smollm2_gguf), dtype="float32", progress=False)
-    return Engine(model, EngineConfig(num_pages=192, max_num_seqs=8, max_num_batched_tokens=64))
+def engine(smollm2_model):
+    return Engine(smollm2_model, EngineConfig(**SERVER_ENGINE))  # the shared server's options (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import random
 import pytest
 
 from jaxserve import SamplingParams
-from jaxserve.engine.block_manager import NULL_PAGE, BlockManager
-from jaxserve.engine.request import Request
+from jaxserve.core.block_manager import NULL_PAGE, BlockManager
+from jaxserve.core.request import Request
 
 _ids = iter(range(10**9))
 

@@ -1,5 +1,6 @@
 """The `jaxserve` command as users run it: real subprocesses, real model, one-line errors."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ def assert_one_line_error(res, match: str):
     assert lines[0].startswith("jaxserve: error:") and match in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_default_model_answers_paris():
     res = run("generate", "--model", "smollm2-135m", "--chat", "--prompt", "What is the capital of France?",
               "--temperature", "0")
@@ -30,6 +32,7 @@ def test_default_model_answers_paris():
     assert "Paris" in res.stdout
 
 
+@pytest.mark.slow
 def test_json_output_one_object_per_prompt():
     res = run("generate", "--prompt", "Hello", "--prompt", "The sky is", "--max-tokens", "5",
               "--temperature", "0", "--ignore-eos", "--json")
@@ -63,7 +66,7 @@ def test_invalid_sampling_parameters(tiny_with_tokenizer, args, match):
 
 
 def test_prompt_longer_than_context(tiny_with_tokenizer):
-    res = run("generate", "--model", str(tiny_with_tokenizer), "--prompt", "word " * 100)
+    res = run("generate", "--model", str(tiny_with_tokenizer), "--prompt", "word " * 100, "--max-num-batched-tokens", "16")
     assert_one_line_error(res, "more than the model context of 64")
 
 
@@ -105,5 +108,35 @@ def test_convert_then_generate_and_refuse_overwrite(tmp_path):
     assert (tmp_path / "out" / "jaxserve.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temporary left behind
     assert_one_line_error(run("convert", str(gguf_path), str(tmp_path / "out")), "already exists")
-    res = run("generate", "--model", str(tmp_path / "out"), "--prompt", "hi")
+    res = run("generate", "--model", str(tmp_path / "out"), "--prompt", "hi", "--max-num-batched-tokens", "16")
     assert_one_line_error(res, "no tokenizer")  # the tiny GGUF has no vocabulary; token prompts still work
+
+
+def test_serve_help_explains_every_option_with_its_default():
+    res = run("serve", "--help", timeout=120)
+    assert res.returncode == 0, res.stderr
+    text = " ".join(res.stdout.split("options:", 1)[1].split())  # argparse wraps lines
+    for option, default in (("--host HOST", "127.0.0.1"), ("--port PORT", "50051"),
+                            ("--max-num-seqs MAX_NUM_SEQS", "64"), ("--max-queued-requests MAX_QUEUED_REQUESTS", "1024"),
+                            ("--drain-timeout DRAIN_TIMEOUT", "30.0"), ("--max-num-batched-tokens MAX_NUM_BATCHED_TOKENS", "512")):
+        start = text.index(option) + len(option)
+        end = text.find(" --", start)
+        described = text[start:end if end >= 0 else len(text)]
+        assert len(described) > 20 and f"(default: {default})" in described, (option, described)
+
+
+@pytest.mark.slow
+def test_first_use_keeps_stdout_for_the_answer(tmp_path, smollm2_gguf):
+    """The first run converts the default model into the cache; what it says about that goes to
+    stderr, so stdout is exactly the --json objects."""
+    cached = tmp_path / "smollm2-135m" / smollm2_gguf.name
+    cached.parent.mkdir(parents=True)
+    cached.symlink_to(smollm2_gguf)  # the download is spared; the conversion is not
+    from jaxserve.checkpoint.registry import cache_dir
+
+    env = {**os.environ, "JAXSERVE_CACHE": str(tmp_path), "JAX_COMPILATION_CACHE_DIR": str(cache_dir() / "xla")}
+    res = subprocess.run(JAXSERVE + ["generate", "--prompt", "Hi", "--max-tokens", "2", "--temperature", "0", "--json"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "smollm2-135m" / "orbax" / "jaxserve.json").exists()  # it did convert
+    assert [len(json.loads(line)["token_ids"]) for line in res.stdout.splitlines()] == [2]

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 from jaxserve import SamplingParams
-from jaxserve.checkpoint import load_model
-from jaxserve.engine.detokenizer import IncrementalDetokenizer
-from jaxserve.engine.engine import Engine, EngineConfig
+from jaxserve.core.detokenizer import IncrementalDetokenizer
+from jaxserve.engine import Engine, EngineConfig
 from jaxserve.errors import InvalidRequestError
 
 pytestmark = pytest.mark.slow
@@ -56,14 +55,15 @@ def run_one(engine, prompt, params):
 
 
 @pytest.fixture(scope="module")
-def model(smollm2_gguf):
-    return load_model(str(smollm2_gguf), dtype="float32", progress=False)
+def model(smollm2_model):
+    return smollm2_model
 
 
 @pytest.fixture(scope="module")
 def alone(model):
     """alone(prompt_ids, max_tokens) -> greedy tokens, memoized; one request at a time, no prefix cache."""
-    solo = Engine(model, EngineConfig(num_pages=66, max_num_seqs=4, max_num_batched_tokens=256,
+    # The shared engine's shapes (so the same compiled steps), without the prefix cache.
+    solo = Engine(model, EngineConfig(num_pages=512, max_num_seqs=16, max_num_batched_tokens=256,
                                       enable_prefix_caching=False))
     memo = {}
 

@@ -1,15 +1,12 @@
 """KV page formats: round-trip error per format, the XLA attention path against the reference on
 quantized pages, and page accounting by real bytes."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels.kv_quant import (FORMATS, bytes_per_page, channel_scales, decode_scales, dequantize, kv_format, quantize,
                                      rotate)
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
-from jaxserve.ops.attention import ragged_paged_attention_xla
-from rpa_cases import BATCHES, TOLERANCE, make_case
+from rpa_cases import TOLERANCE, batch_params, make_case, reference, xla_path
 
 # Relative RMS error of quantize -> dequantize on keys with uneven channels (see _keys).
 # int8 keeps headroom above the calibrated max (INT8_HEADROOM), so its steps are 1.5x a tight fit.
@@ -47,16 +44,16 @@ def test_scales_come_from_the_data():
 
 
 @pytest.mark.parametrize("name", FORMATS)
-@pytest.mark.parametrize("batch", BATCHES, ids=[b[0] for b in BATCHES])
+@pytest.mark.parametrize("batch", batch_params())
 def test_xla_path_matches_reference(name, batch):
     _, q_lens, kv_lens = batch
     case = make_case(1, name, q_lens, kv_lens)
-    want = ragged_paged_attention_reference(*case.args(), sm_scale=0.125)
-    got = jax.jit(ragged_paged_attention_xla, static_argnames=("sm_scale",))(*case.args(), sm_scale=0.125)
+    want = reference(case, sm_scale=0.125)
+    got = xla_path(case, sm_scale=0.125)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOLERANCE[name], rtol=TOLERANCE[name])
 
 
-@pytest.mark.parametrize("name", ["fp8", "int8", "int4", "nvfp4"])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) for n in ("fp8", "int8", "nvfp4")] + ["int4"])
 def test_key_centers_remove_a_shared_offset(name):
     """Keys sharing a large offset (as real keys do): pages storing keys minus their median give
     attention as close to float32 as if the offset were not there (it moves every score of a query
@@ -66,25 +63,25 @@ def test_key_centers_remove_a_shared_offset(name):
     batch = dict(q_lens=[1, 9, 1, 33, 1], kv_lens=[31, 40, 32, 33, 1])
 
     def error(case, offset):
-        exact = ragged_paged_attention_reference(*make_case(3, "float32", key_offset=offset, **batch).args(), sm_scale=0.125)
-        return float(jnp.sqrt(jnp.mean((ragged_paged_attention_reference(*case.args(), sm_scale=0.125) - exact) ** 2)))
+        exact = reference(make_case(3, "float32", key_offset=offset, **batch), sm_scale=0.125)
+        return float(jnp.sqrt(jnp.mean((reference(case, sm_scale=0.125) - exact) ** 2)))
 
     centered = make_case(3, name, key_offset=8.0, center_keys=True, **batch)
     plain = make_case(3, name, key_offset=8.0, **batch)
     no_offset = make_case(3, name, key_offset=0.0, center_keys=True, **batch)
     assert error(centered, 8.0) < 0.7 * error(plain, 8.0)
     assert error(centered, 8.0) == pytest.approx(error(no_offset, 0.0), rel=0.02)
-    got = ragged_paged_attention_xla(*centered.args(), sm_scale=0.125)
-    want = ragged_paged_attention_reference(*centered.args(), sm_scale=0.125)
+    got = xla_path(centered, sm_scale=0.125)
+    want = reference(centered, sm_scale=0.125)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOLERANCE[name], rtol=TOLERANCE[name])
 
 
 @pytest.mark.parametrize("opts", [dict(sliding_window=7), dict(soft_cap=5.0)], ids=["window", "softcap"])
-@pytest.mark.parametrize("name", ["int8", "nvfp4"])
+@pytest.mark.parametrize("name", ["int8", pytest.param("nvfp4", marks=pytest.mark.slow)])
 def test_xla_path_window_and_soft_cap(name, opts):
     case = make_case(2, name, [1, 20, 1], [40, 20, 17], page_size=32, head_dim=128, heads=8, kv_heads=1)
-    want = ragged_paged_attention_reference(*case.args(), sm_scale=0.1, **opts)
-    got = ragged_paged_attention_xla(*case.args(), sm_scale=0.1, **opts)
+    want = reference(case, sm_scale=0.1, **opts)
+    got = xla_path(case, sm_scale=0.1, **opts)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOLERANCE[name], rtol=TOLERANCE[name])
 
 

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
+from engine_runs import SMALL_ENGINE
 from tiny_models import make_hf_model, save_safetensors
 
 from jaxserve import LLM, SamplingParams
 from jaxserve.checkpoint import load_model
 from jaxserve.config import ModelConfig
-from jaxserve.engine.engine import Engine, EngineConfig, kv_bytes_per_page
+from jaxserve.engine import Engine, EngineConfig, kv_bytes_per_page
 from jaxserve.parallel import (
     MeshSpec,
     describe_placement,
@@ -30,7 +31,7 @@ from jaxserve.parallel import (
 )
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=1)
-SMALL = EngineConfig(max_num_batched_tokens=32, max_num_seqs=8, kv_cache_memory=64 << 20)
+SMALL = EngineConfig(**SMALL_ENGINE)  # also the lifecycle tests' servers (conftest)
 REPLICATED = P(None, None, None)
 
 
@@ -119,8 +120,8 @@ EXPECTED_SPECS = {  # tp -> {param: spec}
 
 
 @pytest.fixture(scope="module")
-def model(smollm2_gguf):
-    return load_model(smollm2_gguf, progress=False)
+def model(smollm2_model):
+    return smollm2_model
 
 
 @pytest.fixture(scope="module")

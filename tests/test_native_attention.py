@@ -12,12 +12,11 @@ import pytest
 
 from jaxserve import SamplingParams
 from jaxserve.checkpoint import load_model
-from jaxserve.engine.engine import Engine, EngineConfig
+from jaxserve.engine import Engine, EngineConfig
 from jaxserve.ops import native
 from jaxserve.ops.attention import plan_attention, ragged_paged_attention_xla
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 from engine_runs import run_batch
-from rpa_cases import BATCHES, TOLERANCE, make_case
+from rpa_cases import TOLERANCE, batch_params, make_case, reference
 from tiny_models import make_hf_model, save_safetensors
 
 UNPACKED = ["float32", "bfloat16", "fp8", "int8"]  # 4-bit pages stay on the XLA path
@@ -29,11 +28,11 @@ def test_the_kernel_builds_here():
 
 
 @pytest.mark.parametrize("name", UNPACKED)
-@pytest.mark.parametrize("batch", BATCHES, ids=[b[0] for b in BATCHES])
+@pytest.mark.parametrize("batch", batch_params(quick=("decode", "mixed")))
 def test_matches_reference(name, batch):
     _, q_lens, kv_lens = batch
     case = make_case(5, name, q_lens, kv_lens)
-    want = ragged_paged_attention_reference(*case.args(), sm_scale=0.125)
+    want = reference(case, sm_scale=0.125)
     got = _native(*case.args(), sm_scale=0.125, native_decode=True)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOLERANCE[name], rtol=TOLERANCE[name])
 
@@ -42,7 +41,7 @@ def test_matches_reference(name, batch):
 def test_window_and_soft_cap(opts):
     """GQA 8, head_dim 128, page size 32; decodes on and past page edges."""
     case = make_case(6, "bfloat16", [1, 1, 1, 20], [32, 33, 65, 20], page_size=32, head_dim=128, heads=8, kv_heads=1)
-    want = ragged_paged_attention_reference(*case.args(), sm_scale=0.1, **opts)
+    want = reference(case, sm_scale=0.1, **opts)
     got = _native(*case.args(), sm_scale=0.1, native_decode=True, **opts)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
 
@@ -68,9 +67,9 @@ def test_bad_page_ids_are_an_error_not_a_wild_read():
 
 
 def test_turned_off_falls_back_to_xla_and_explicit_choice_says_why():
-    code = ("from jaxserve.ops.backends import resolve_attention_backend as r\n"
-            "print(r('auto', 'cpu'))\n"
-            "try:\n    r('native', 'cpu')\nexcept ValueError as e:\n    print(e)\n")
+    code = ("from jaxserve.ops.backends import select_attention_backend as r\n"
+            "print(r('auto', platform='cpu').name)\n"
+            "try:\n    r('native', platform='cpu')\nexcept ValueError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "JAXSERVE_NATIVE": "0"}).stdout.splitlines()
     assert out == ["xla", "attention backend 'native' is unavailable: turned off by JAXSERVE_NATIVE=0"]
@@ -82,6 +81,7 @@ def tiny_qwen2(tmp_path_factory):
                       dtype="float32", progress=False)
 
 
+@pytest.mark.slow
 def test_engine_tokens_match_the_xla_path(tiny_qwen2):
     """Mixed prefill/decode steps, bfloat16 and int8 pages: the same greedy tokens either way."""
     rng = np.random.default_rng(9)
@@ -90,9 +90,9 @@ def test_engine_tokens_match_the_xla_path(tiny_qwen2):
     for kv_dtype in ("bfloat16", "int8"):
         outputs = {}
         for backend in ("xla", "native"):
-            engine = Engine(tiny_qwen2, EngineConfig(num_pages=48, max_num_seqs=4, max_num_batched_tokens=32,
+            engine = Engine(tiny_qwen2, EngineConfig(num_pages=32, max_num_seqs=4, max_num_batched_tokens=32,
                                                      kv_cache_dtype=kv_dtype, attention_backend=backend))
-            assert engine.attention_impl == backend
+            assert engine.info().attention_backend == backend
             outputs[backend] = run_batch(engine, prompts, params)
         assert outputs["native"] == outputs["xla"]
         assert all(len(t) == 8 for t in outputs["xla"])

@@ -58,12 +58,14 @@ def test_every_format_mixed_batch(fmt):
     _check(fmt, "mixed", num_kv_splits=2)
 
 
+@pytest.mark.slow  # pytest -m "not slow": every format's mixed batch covers the kernel
 @pytest.mark.parametrize("batch", ["decode", "prefill", "long", "holes"])
 def test_batches(batch):
     out, c = _check("bfloat16", batch, num_kv_splits=3)
     assert not np.asarray(out[int(c.cu_q_lens[-1]):]).any()  # padding tokens give zeros
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt,case_kw", [
     ("nvfp4", {"page_size": 32, "head_dim": 128, "heads": 16, "kv_heads": 2}),  # GQA 8, D 128
     ("int4", {"page_size": 32, "head_dim": 128, "heads": 2, "kv_heads": 2}),    # no GQA
@@ -73,6 +75,7 @@ def test_page_size_head_dim_group(fmt, case_kw):
     _check(fmt, "edges32", case_kw=case_kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt,batch,window,cap", [
     ("bfloat16", "long", 20, None), ("fp8", "mixed", 7, 20.0), ("int4", "decode", None, 5.0),
 ])
@@ -80,6 +83,7 @@ def test_sliding_window_and_soft_cap(fmt, batch, window, cap):
     _check(fmt, batch, sliding_window=window, soft_cap=cap, num_kv_splits=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("static", [
     {"num_kv_splits": 1}, {"num_kv_splits": 8, "pages_per_block": 1},
     {"q_block": 16, "pages_per_block": 2}, {},  # default splits and blocks
@@ -88,6 +92,7 @@ def test_tuning(static):
     _check("float32", "long", case_kw={"heads": 16, "kv_heads": 2}, num_seqs_scalar=True, **static)
 
 
+@pytest.mark.slow
 def test_plain_bf16_dots_close():
     """`dot_pieces=1` rounds the query and probabilities to bfloat16: close, not exact."""
     q_lens, kv_lens = BATCH["mixed"]

@@ -83,7 +83,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
+QUICK = ("f32-mixed-p16-d64-g8", "int4-mixed-p16-d128-g3")  # pytest -m "not slow" runs these two
+
+
+@pytest.mark.parametrize("name", [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow) for n in CASES])
 def test_matches_reference(name):
     fmt, batch, page_size, head_dim, heads, kv_heads, kwargs = CASES[name]
     case = make_case(len(name), fmt, *BATCH[batch], page_size=page_size, head_dim=head_dim, heads=heads,
@@ -108,7 +111,7 @@ def test_unused_page_slots_are_never_mixed_in():
         for i in range(n):
             valid[case.page_tables[s, i // 16], i % 16] = True
     k[:, ~valid], v[:, ~valid] = np.nan, np.nan
-    case.kv = case.kv._replace(k=jnp.asarray(k), v=jnp.asarray(v))
+    case.kv = case.kv.replace(k=jnp.asarray(k), v=jnp.asarray(v))
     out = _check(case, "float32", **SMALL)
     assert np.isfinite(out).all()
 

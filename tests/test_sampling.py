@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jaxserve import SamplingParams
-from jaxserve.engine.sampler import PenaltyState, SamplingInputs, greedy, sample
+from jaxserve.ops.sampling import PenaltyState, SamplingInputs, greedy, sample
 from jaxserve.errors import InvalidRequestError
 
 

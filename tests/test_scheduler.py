@@ -12,9 +12,10 @@ import sys
 import pytest
 
 from jaxserve import SamplingParams
-from jaxserve.engine.block_manager import NULL_PAGE, BlockManager
-from jaxserve.engine.request import Request, RequestStatus
-from jaxserve.engine.scheduler import Scheduler, StepPlan
+from jaxserve.core.block_manager import NULL_PAGE, BlockManager
+from jaxserve.core.plan import RunnerOutput, SampledToken, StepPlan
+from jaxserve.core.request import Request, RequestStatus
+from jaxserve.core.scheduler import Scheduler
 from jaxserve.errors import InvalidRequestError
 
 
@@ -29,12 +30,17 @@ def expected_output(prompt, max_tokens):
     return tokens[len(prompt):]
 
 
+def output_of(sampled: dict[str, int]) -> RunnerOutput:
+    """What a runner returns: one accepted token per sampling request."""
+    return RunnerOutput({rid: (SampledToken(token, 0.0, ()),) for rid, token in sampled.items()})
+
+
 class FakePagedModel:
     def __init__(self, page_size):
         self.page_size = page_size
         self.kv = {}   # (page, slot) -> token
 
-    def run(self, plan: StepPlan) -> dict[str, int]:
+    def run(self, plan: StepPlan) -> RunnerOutput:
         sampled = {}
         for chunk in plan.chunks:
             end = chunk.start_position + len(chunk.token_ids)
@@ -43,7 +49,7 @@ class FakePagedModel:
                 self.kv[self._slot(chunk.page_table, position)] = token
             if chunk.samples:
                 sampled[chunk.request_id] = next_token(self.kv[self._slot(chunk.page_table, p)] for p in range(end))
-        return sampled
+        return output_of(sampled)
 
     def _slot(self, table, position):
         return table[position // self.page_size], position % self.page_size
@@ -74,9 +80,9 @@ class Harness:
             assert preempted.status is RequestStatus.WAITING and preempted.num_computed_tokens == 0
         if plan.preempted_ids:   # pages just freed are not handed to waiting requests in the same step
             assert {c.request_id for c in plan.chunks} <= was_running
-        for request, _ in s.update(plan, self.model.run(plan)):
-            if request.is_finished:
-                self.finished.append(request)
+        for update in s.update(plan, self.model.run(plan)):
+            if update.request.is_finished:
+                self.finished.append(update.request)
         self.bm.check_invariants()
         self.plans.append(plan)
         return plan
@@ -211,7 +217,7 @@ def test_abort_frees_pages_waiting_or_running():
     assert running.status is waiting.status is RequestStatus.FINISHED_ABORTED
     assert running.finish_reason == "abort"
     assert not h.scheduler.abort("run") and not h.scheduler.abort("nope")
-    assert h.scheduler.update(plan, {"run": 7}) == []          # the stale chunk is ignored
+    assert h.scheduler.update(plan, output_of({"run": 7})) == []          # the stale chunk is ignored
     assert running.output_token_ids == [] and not h.scheduler.has_unfinished
     assert h.bm.num_free_pages == h.bm.num_usable_pages
     h.bm.check_invariants()
@@ -302,6 +308,7 @@ def test_request_bookkeeping():
 
 
 def test_host_modules_never_import_jax():
-    code = ("import sys, jaxserve.engine.scheduler, jaxserve.engine.block_manager, jaxserve.engine.request;"
+    code = ("import sys, jaxserve.core.scheduler, jaxserve.core.block_manager, jaxserve.core.request, "
+            "jaxserve.core.plan, jaxserve.core.detokenizer;"
             "assert not any(m == 'jax' or m.startswith('jax.') for m in sys.modules), 'jax imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

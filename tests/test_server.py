@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import time
@@ -20,6 +21,19 @@ pytestmark = pytest.mark.slow
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,",
            [504, 3575, 282, 4649, 314]]
 CHAT = [{"role": "user", "content": "Name three primary colors."}]
+MODEL_LABEL = re.compile(r'model_name="[^"]*",?')
+
+
+def scrape(port: int) -> dict[str, float]:
+    """{series: value} from /metrics, each series named without its model_name label (every
+    jaxserve series has one: test_metrics_carry_the_model_name)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[MODEL_LABEL.sub("", name).replace("{}", "").replace(",}", "}")] = float(value)
+    return samples
 
 
 @pytest.fixture()
@@ -166,9 +180,7 @@ def test_duplicate_request_id_is_already_exists(client):
 
 def test_metrics_use_vllm_names(client, grpc_server):
     client.generate("Metrics please", max_tokens=4)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{grpc_server.metrics_port}/metrics").read().decode()
-    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-               if line and not line.startswith("#")}
+    samples = scrape(grpc_server.metrics_port)
     for name in ("time_to_first_token_seconds_count", "inter_token_latency_seconds_count",
                  "e2e_request_latency_seconds_count", "request_queue_time_seconds_count",
                  "generation_tokens_total", "prompt_tokens_total", "prefix_cache_queries_total"):
@@ -210,3 +222,81 @@ def test_async_client_mirrors_the_sync_one(grpc_server, client):
     assert ids == client.tokenize("Roses") and text == client.detokenize([504])
     assert health == "SERVING" and info.architecture == "llama"
     assert bad.code == grpc.StatusCode.INVALID_ARGUMENT and "top_p" in bad.message
+
+
+# ---- what clients can do to the log and the metrics -------------------------------------------------
+
+def test_client_ids_reach_the_log_escaped_and_bounded(client, grpc_server):
+    """Request ids are the client's: a newline must not forge a log line, a NUL must not reach the
+    log file, and a 100,000-character id must not make a 100 kB line."""
+    evil = {"forge": "x\n2026-01-01 00:00:00 INFO jaxserve.server.service: request FORGED finished (stop)",
+            "nul": "nul\x00byte", "long": "L" * 100_000}
+    for rid in evil.values():
+        assert client.generate("Hi", request_id=rid, max_tokens=2, ignore_eos=True).request_id == rid
+    with pytest.raises(JaxServeError):
+        client.generate("", request_id="refused\nFORGED refusal")  # the refusal path logs the id too
+    log_text = grpc_server.output()
+    lines = log_text.splitlines()
+    assert not any("FORGED" in line and not line.startswith("20") for line in lines)
+    assert not [line for line in lines if line.startswith("2026-01-01")]
+    assert "\x00" not in log_text
+    assert "request x\\n2026-01-01" in log_text and "nul\\x00byte" in log_text and "+99800 chars" in log_text
+    assert max(len(line) for line in lines) < 2000
+
+
+def test_every_undecodable_request_is_counted_and_logged(client, grpc_server):
+    """Bytes that are not a GenerateRequest get INVALID_ARGUMENT, and each one is counted in
+    request_failure{code="INVALID_ARGUMENT"}; the log names them, at a bounded rate."""
+    key = 'jaxserve:request_failure_total{code="INVALID_ARGUMENT"}'
+    before = scrape(grpc_server.metrics_port).get(key, 0.0)
+    channel = grpc.insecure_channel(grpc_server.address)
+    call = channel.unary_stream("/jaxserve.v1.JaxServe/Generate", request_serializer=lambda b: b,
+                                response_deserializer=lambda b: b)
+    seen = 0
+    for i in range(300):
+        payload = bytes([0x0A, 0xFF, i % 256]) + bytes(range(i % 7))  # field 1, length 255: truncated
+        with pytest.raises(grpc.RpcError) as e:
+            list(call(payload, timeout=30))
+        seen += e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    channel.close()
+    assert seen == 300
+    assert scrape(grpc_server.metrics_port)[key] - before == seen
+    logged = [line for line in grpc_server.output().splitlines() if "undecodable request refused" in line]
+    assert 1 <= len(logged) <= 100  # 300 refusals in a few seconds: at most 50 lines per 10 s
+
+
+def test_metrics_carry_the_model_name(client, grpc_server):
+    client.generate("Label me", max_tokens=2)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{grpc_server.metrics_port}/metrics").read().decode()
+    series = [line for line in text.splitlines() if line.startswith("jaxserve:")]
+    assert len(series) > 20
+    unlabelled = [line for line in series if f'model_name="{grpc_server.model}"' not in line]
+    assert unlabelled == []
+
+
+@pytest.mark.parametrize("timeout", [1.5, 10.01])
+def test_deadlines_are_logged_and_counted_as_deadline_exceeded(client, grpc_server, timeout):
+    """gRPC sends deadlines between 10 s and 100 s rounded up to 100 ms, so the client's deadline
+    fires before the server's: its cancellation is still the deadline, not a client that gave up.
+    Eight long requests take every seat first (the request under test has a lower priority), so
+    it runs for well over 10 s."""
+    key = 'jaxserve:request_failure_total{code="%s"}'
+    before = scrape(grpc_server.metrics_port)
+    rid = f"deadline-{timeout}"
+    fillers = [client.stream([100 + i, 200, 300], max_tokens=490, ignore_eos=True) for i in range(8)]
+    for stream in fillers:
+        next(stream)  # running
+    try:
+        with pytest.raises(JaxServeError) as e:
+            client.generate("Count to a thousand:", request_id=rid, max_tokens=480, ignore_eos=True, priority=1,
+                            timeout=timeout)
+    finally:
+        for stream in fillers:
+            stream.close()
+    assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until_idle(client)
+    after = scrape(grpc_server.metrics_port)
+    assert after[key % "DEADLINE_EXCEEDED"] - before.get(key % "DEADLINE_EXCEEDED", 0) == 1
+    assert after.get(key % "CANCELLED", 0) - before.get(key % "CANCELLED", 0) <= len(fillers)  # fillers only
+    lines = [line for line in grpc_server.output().splitlines() if f"request {rid} " in line]
+    assert len(lines) == 1 and "deadline exceeded after" in lines[0] and "refused" not in lines[0], lines

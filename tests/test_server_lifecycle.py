@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from engine_runs import SMALL_ARGS
 from server_process import ServerProcess
 
 from jaxserve import SamplingParams
@@ -32,8 +33,7 @@ def test_bad_serve_arguments_fail_in_one_line(args, message):
 
 
 def test_sigterm_drains_in_flight_requests(smollm2_gguf):
-    server = ServerProcess(str(smollm2_gguf), "--max-num-seqs", "4", "--max-num-batched-tokens", "32",
-                           "--kv-cache-memory", "64M", "--drain-timeout", "60")
+    server = ServerProcess(str(smollm2_gguf), *SMALL_ARGS, "--drain-timeout", "60")
     try:
         results, started = {}, threading.Event()
 
@@ -66,8 +66,7 @@ def test_mesh_server_matches_single_device(smollm2_gguf, smollm2_llm):
     over tp=2, so attention is replicated and the FFN split); greedy outputs equal one device's."""
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time,", "List three fruits:"]
     want = smollm2_llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0))
-    server = ServerProcess(str(smollm2_gguf), "--mesh", "tp=2,dp=2", "--max-num-seqs", "4",
-                           "--max-num-batched-tokens", "32", "--kv-cache-memory", "64M")
+    server = ServerProcess(str(smollm2_gguf), "--mesh", "tp=2,dp=2", *SMALL_ARGS)
     try:
         with Client(server.address, timeout=120) as client, ThreadPoolExecutor(4) as pool:
             got = list(pool.map(lambda p: client.generate(p, max_tokens=16, temperature=0), prompts))

@@ -153,15 +153,30 @@ def write_gguf(model, path: Path, tensor_type=None, raw_overrides=None) -> Path:
     return path
 
 
+def _forward_logits(graphdef, impl: str, params, kv, tokens, positions, meta):
+    from jaxserve.models import forward, logits
+    from jaxserve.ops.backends import AttentionBackend
+
+    hidden, kv = forward(graphdef, params, kv, tokens, positions, meta, AttentionBackend(impl))
+    return logits(graphdef, params, hidden), kv
+
+
+_FORWARD_LOGITS = {}  # jitted once per process: calls on the same model shapes share compiled programs
+
+
 def our_logits(loaded, ids, split: int | None = None, page_size: int = 16, attention_impl: str = "xla") -> np.ndarray:
     """Logits [T, vocab] from jaxserve's forward over the paged cache, for one sequence. With `split`,
     the first `split` tokens are prefilled and the rest fed one at a time through the KV pages, which
-    must give the same numbers. attention_impl: see jaxserve.ops.backends.attention_impl."""
+    must give the same numbers. attention_impl: the name of a jaxserve.ops.backends.AttentionBackend."""
+    import jax
     import jax.numpy as jnp
 
-    from jaxserve.models import AttentionMetadata, empty_kv_pages, forward, logits
+    from jaxserve.models import AttentionMetadata, empty_kv_pages
     from pallas_kernels.kv_quant import kv_format
 
+    if not _FORWARD_LOGITS:
+        _FORWARD_LOGITS["step"] = jax.jit(_forward_logits, static_argnums=(0, 1))
+    step = _FORWARD_LOGITS["step"]
     num_pages = -(-len(ids) // page_size)
     pages = np.arange(1, num_pages + 1, dtype=np.int32)  # page 0 is the null page
     kv = empty_kv_pages(loaded.config, kv_format("auto", loaded.dtype), num_pages + 1, page_size)
@@ -173,8 +188,8 @@ def our_logits(loaded, ids, split: int | None = None, page_size: int = 16, atten
             slot_mapping=jnp.asarray(pages[positions // page_size] * page_size + positions % page_size),
             kv_lens=jnp.asarray([start + len(chunk)], jnp.int32), page_tables=jnp.asarray(pages[None]),
             cu_q_lens=jnp.asarray([0, len(chunk)], jnp.int32), num_seqs=jnp.asarray(1, jnp.int32))
-        hidden, kv = forward(loaded.graphdef, loaded.params, kv, jnp.asarray(chunk, jnp.int32),
-                             jnp.asarray(positions), meta, attention_impl)
-        out.append(np.asarray(logits(loaded.graphdef, loaded.params, hidden)))
+        chunk_logits, kv = step(loaded.graphdef, attention_impl, loaded.params, kv, jnp.asarray(chunk, jnp.int32),
+                                jnp.asarray(positions), meta)
+        out.append(np.asarray(chunk_logits))
         start += len(chunk)
     return np.concatenate(out)
