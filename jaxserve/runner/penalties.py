@@ -19,6 +19,10 @@ class PenaltySlots:
         self._slots: dict[str, int] = {}
 
     @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
     def no_slot(self) -> int:
         """The row index that means "no penalties" (one past the tables)."""
         return self.num_slots
