@@ -51,11 +51,11 @@ def offline_baseline(args, prompts) -> dict:
     from throughput import run_engine
 
     from jaxserve.checkpoint import load_model
-    from jaxserve.cli.options import enable_compilation_cache as _enable_compilation_cache, size as _size
+    from jaxserve.cli.options import enable_compilation_cache, size
     from jaxserve.engine import Engine, EngineConfig
 
-    _enable_compilation_cache()  # shares compiled steps with the server launched next
-    kv = _size(args.kv_cache_memory) if args.kv_cache_memory else None
+    enable_compilation_cache()  # shares compiled steps with the server launched next
+    kv = size(args.kv_cache_memory) if args.kv_cache_memory else None
     engine = Engine(load_model(args.model, progress=False),
                     EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                  kv_cache_memory=kv))

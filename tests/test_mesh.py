@@ -18,14 +18,16 @@ from tiny_models import make_hf_model, save_safetensors
 from jaxserve import LLM, SamplingParams
 from jaxserve.checkpoint import load_model
 from jaxserve.config import ModelConfig
-from jaxserve.engine import Engine, EngineConfig, kv_bytes_per_page
+from jaxserve.engine import Engine, EngineConfig, kv_bytes_per_page, load_engines
 from jaxserve.parallel import (
     MeshSpec,
     describe_placement,
+    device_mesh,
     param_shardings,
     parse_mesh,
     partition_spec,
     replica_meshes,
+    replica_view,
     shard_params,
     single_engine_mesh,
 )
@@ -235,17 +237,28 @@ def test_data_parallel_replicas_each_match(model, prompts, reference):
 # ---- kernels and mixed splits on a tiny model ------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_path(tmp_path_factory):
     """4 query heads over 2 kv heads: tp=2 splits both, tp=4 only the query heads."""
-    hf = make_hf_model("qwen2", seed=7)
-    return load_model(save_safetensors(hf, tmp_path_factory.mktemp("tiny")), dtype="float32", progress=False)
+    return save_safetensors(make_hf_model("qwen2", seed=7), tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_path):
+    return load_model(tiny_path, dtype="float32", progress=False)
+
+
+def tiny_config(**options) -> EngineConfig:
+    return EngineConfig(num_pages=32, max_num_seqs=4, max_num_batched_tokens=16, **options)
+
+
+def tiny_generate(engine):
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, engine.info().model_config.vocab_size, n).tolist() for n in (3, 17, 40)]
+    return generate(engine, prompts)
 
 
 def tiny_tokens(model, mesh, **options):
-    rng = np.random.default_rng(4)
-    prompts = [rng.integers(0, model.config.vocab_size, n).tolist() for n in (3, 17, 40)]
-    engine = Engine(model, EngineConfig(num_pages=32, max_num_seqs=4, max_num_batched_tokens=16, **options), mesh)
-    return generate(engine, prompts)
+    return tiny_generate(Engine(model, tiny_config(**options), mesh))
 
 
 @pytest.fixture(scope="module")
@@ -273,3 +286,25 @@ def test_tiny_model_on_a_mesh(tiny, tiny_reference, tp, options):
     assert tokens == ref_tokens
     # int8 pages: channel scales calibrated on a split model differ in the last bits, moving a few codes
     assert np.abs(np.array(logprobs) - np.array(ref_logprobs)).max() < (2e-3 if options else 1e-4)
+
+
+@pytest.mark.slow
+def test_replicas_view_one_load_without_copies(tiny_path, tiny_reference):
+    """`tp=2,dp=2` loads the checkpoint once onto the (dp, tp) device mesh; each replica's weights are
+    the buffers already on its devices, and each replica gives the single device's tokens."""
+    spec = parse_mesh("tp=2,dp=2")
+    devices = device_mesh(spec)
+    loaded = load_model(tiny_path, dtype="float32", progress=False, mesh=devices)
+    for row in replica_meshes(devices):
+        view = replica_view(loaded, devices, row)
+        on_row = set(row.devices.flat)
+        for whole, part in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(view.params)):
+            want = {s.device: s.data.unsafe_buffer_pointer() for s in whole.addressable_shards if s.device in on_row}
+            assert {s.device: s.data.unsafe_buffer_pointer() for s in part.addressable_shards} == want
+    engines = load_engines(tiny_path, tiny_config(), spec, dtype="float32", progress=False)
+    assert [e.info().devices for e in engines] == [(0, 1), (2, 3)]
+    tokens, logprobs = tiny_reference("auto")
+    for engine in engines:
+        got_tokens, got_logprobs = tiny_generate(engine)
+        assert got_tokens == tokens
+        assert np.abs(np.array(got_logprobs) - np.array(logprobs)).max() < 1e-4
