@@ -65,6 +65,12 @@ def make_case(seed: int, fmt: str, q_lens, kv_lens, *, page_size=16, head_dim=64
 
 
 def _quantize_pages(k, v, f, center_keys=False) -> KVPages:
+    """Quantized pages of k, v [layers, pages, page_size, kv_heads, head_dim], one jitted program per
+    format and shape (eager, the many small ops of 4-bit quantization took seconds per case)."""
+    return jax.jit(_quantize_pages_traced, static_argnums=(2, 3))(k, v, f, center_keys)
+
+
+def _quantize_pages_traced(k, v, f, center_keys) -> KVPages:
     if not f.quantized:
         return KVPages(quantize(k, None, f)[0], quantize(v, None, f)[0], format=f)
     zero = jnp.zeros((k.shape[0],) + k.shape[3:], jnp.float32)  # [layers, kv_heads, head_dim]

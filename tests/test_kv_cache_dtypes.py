@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from engine_runs import SERVER_ENGINE
 from jaxserve import LLM
 from jaxserve.perplexity import perplexity
 from pallas_kernels.kv_quant import FORMATS, bytes_per_page
@@ -58,7 +59,7 @@ def test_prompt_logprobs_match_between_chunked_and_whole_prefill(smollm2_llm, al
 
     params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True)
     whole = smollm2_llm.generate([alice_ids[:200]], params)[0].prompt_logprobs
-    chunked = LLM(smollm2_llm.engine.model, max_num_batched_tokens=64, max_num_seqs=4, progress=False)
+    chunked = LLM(smollm2_llm.engine.model, progress=False, **SERVER_ENGINE)  # budget 64; compiled steps shared
     parts = chunked.generate([alice_ids[:200]], params)[0].prompt_logprobs
     assert whole[0] is None and parts[0] is None and len(whole) == 200
     assert max(abs(a - b) for a, b in zip(whole[1:], parts[1:])) < 1e-3
@@ -69,10 +70,10 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "jaxserve.cli", *args], capture_output=True, text=True, timeout=900)
 
 
-def test_perplexity_command(smollm2_gguf, tmp_path):
+def test_perplexity_command(smollm2_checkpoint, tmp_path):
     text = tmp_path / "alice.txt"
     text.write_text(ALICE.read_text()[:1500])
-    run = _cli("perplexity", "--model", str(smollm2_gguf), "--file", str(text), "--kv-cache-dtype", "int8",
+    run = _cli("perplexity", "--model", str(smollm2_checkpoint), "--file", str(text), "--kv-cache-dtype", "int8",
                "--ctx", "128", "--max-num-batched-tokens", "64", "--kv-cache-memory", "64M", "--json")
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)

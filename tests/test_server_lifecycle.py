@@ -32,8 +32,8 @@ def test_bad_serve_arguments_fail_in_one_line(args, message):
     assert out.stderr.startswith("jaxserve: error:") and message in out.stderr
 
 
-def test_sigterm_drains_in_flight_requests(smollm2_gguf):
-    server = ServerProcess(str(smollm2_gguf), *SMALL_ARGS, "--drain-timeout", "60")
+def test_sigterm_drains_in_flight_requests(smollm2_checkpoint):
+    server = ServerProcess(str(smollm2_checkpoint), *SMALL_ARGS, "--drain-timeout", "60")
     try:
         results, started = {}, threading.Event()
 
@@ -61,12 +61,12 @@ def test_sigterm_drains_in_flight_requests(smollm2_gguf):
         server.stop()
 
 
-def test_mesh_server_matches_single_device(smollm2_gguf, smollm2_llm):
+def test_mesh_server_matches_single_device(smollm2_checkpoint, smollm2_llm):
     """`serve --mesh tp=2,dp=2`: two replicas of two devices each (9 query / 3 KV heads do not split
     over tp=2, so attention is replicated and the FFN split); greedy outputs equal one device's."""
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time,", "List three fruits:"]
     want = smollm2_llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0))
-    server = ServerProcess(str(smollm2_gguf), "--mesh", "tp=2,dp=2", *SMALL_ARGS)
+    server = ServerProcess(str(smollm2_checkpoint), "--mesh", "tp=2,dp=2", *SMALL_ARGS)
     try:
         with Client(server.address, timeout=120) as client, ThreadPoolExecutor(4) as pool:
             got = list(pool.map(lambda p: client.generate(p, max_tokens=16, temperature=0), prompts))
