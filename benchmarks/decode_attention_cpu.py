@@ -66,6 +66,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    packed = [f for f in args.formats.split(",") if FORMATS[f].packed]
+    if packed:
+        ap.error(f"the native kernel reads unpacked pages only; drop {', '.join(packed)} (4-bit pages run on XLA)")
 
     rows = []
     print(f"{args.batch} single-token queries, {LAYERS} layers, SmolLM2-135M heads; median of {args.repeats}")

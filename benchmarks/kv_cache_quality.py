@@ -35,7 +35,7 @@ def measure(model, dtype: str, ids, ctx: int, memory: int, budget: int) -> dict:
     print(f"{dtype}: perplexity {ppl.perplexity:.4f} in {seconds:.0f} s, greedy in {time.perf_counter() - start:.0f} s",
           flush=True)
     return {"kv_cache_dtype": dtype, "format": llm.engine.info().kv_cache_dtype, "perplexity": ppl.perplexity,
-            "scored_tokens": ppl.tokens, "seconds": seconds, "cached_tokens": llm.engine.max_cached_tokens,
+            "scored_tokens": ppl.tokens, "seconds": seconds, "cached_tokens": llm.engine.info().max_cached_tokens,
             "greedy": [o.token_ids for o in outs]}
 
 

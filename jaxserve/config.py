@@ -77,7 +77,7 @@ class ModelConfig:
     @property
     def layer_groups(self) -> tuple[LayerGroup, ...]:
         """The model's layers as groups of one kind each, in order (see LayerGroup)."""
-        return (LayerGroup("layers", "dense", 0, self.num_layers),)
+        return (LayerGroup("layers", "moe" if self.num_experts else "dense", 0, self.num_layers),)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

@@ -50,10 +50,16 @@ def perplexity(engine: Engine, ids: list[int], context: int, progress: bool | No
     show = sys.stderr.isatty() if progress is None else progress
     with tqdm(total=sum(len(w) - 1 for w in windows), unit="tok", disable=not show, desc="perplexity") as bar:
         for d in engine.run_to_completion():
-            if d.request_id in pending and d.prompt_logprobs is not None:
+            if d.request_id not in pending:
+                continue  # another caller's request on the same engine
+            if d.prompt_logprobs is not None:
                 scores = d.prompt_logprobs[1:]
                 total += sum(scores)
                 count += len(scores)
                 bar.update(len(scores))
+            if d.finished:
+                pending.discard(d.request_id)
+                if not pending:
+                    break
     nll = -total / count
     return PerplexityResult(math.exp(nll), count, nll, len(windows), context, info.kv_cache_dtype)

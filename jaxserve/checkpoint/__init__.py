@@ -109,6 +109,8 @@ def load_model(model: str | Path, dtype: str = "auto", shardings=None, progress:
     `mesh` (a jax Mesh: the logical-axis table's placement, jaxserve.parallel.param_shardings), or
     `shardings` (a pytree of shardings matching the params' pure dict, or a function of the
     ModelConfig returning one); default: the first device."""
+    if mesh is not None and shardings is not None:
+        raise ValueError("load_model takes a mesh or shardings, not both")
     dtype = resolve_dtype(dtype)
     path = resolve_model(str(model), progress=progress)
     fmt = checkpoint_format(path)

@@ -24,7 +24,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default after its help (skipped where the default is None or a flag's False)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, [], argparse.SUPPRESS):
+        default = action.default
+        if default is None or default is False or default == [] or default == argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
 

@@ -33,10 +33,9 @@ def run(args):
                     max_model_len=args.max_model_len, drain_timeout=args.drain_timeout)
     if args.max_queued_requests < 0:
         raise ValueError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
-    from jaxserve.parallel.mesh import device_mesh, parse_mesh
+    from jaxserve.parallel.mesh import parse_mesh
 
     mesh = parse_mesh(args.mesh)  # the one parse; fails on bad text before loading anything
-    device_mesh(mesh)             # and on too few devices
     import asyncio
 
     from jaxserve.engine.config import EngineConfig

@@ -73,5 +73,3 @@ class RunnerOutput:
     # prompt_logprobs chunks: {position of the scored prompt token: its log-probability}
     prompt_logprobs: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)
 
-
-EMPTY_OUTPUT = RunnerOutput({})

@@ -217,10 +217,17 @@ class AsyncEngine:
             log.exception("engine step after failure also failed")
 
     def _abort_everything(self) -> None:
+        """One by one, so a request whose abort fails (after a failed step) leaves the others aborted."""
         try:
-            self.engine.abort_all()
+            request_ids = self.engine.unfinished_request_ids()
         except Exception:  # noqa: BLE001
-            log.exception("aborting every request failed")
+            log.exception("listing the unfinished requests failed")
+            return
+        for rid in request_ids:
+            try:
+                self.engine.abort(rid)
+            except Exception:  # noqa: BLE001
+                log.exception("abort of %s failed", rid)
 
     def _drain(self) -> None:
         """Shutdown: abort everything and deliver the final "abort" deltas."""

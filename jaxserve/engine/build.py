@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 from jaxserve.checkpoint import LoadedModel, load_model
 from jaxserve.engine.config import EngineConfig
 from jaxserve.engine.engine import Engine
-from jaxserve.parallel import MeshSpec, as_mesh_spec, device_mesh, replica_meshes, replica_view
+from jaxserve.parallel import MeshSpec, as_mesh_spec, check_engine_mesh, device_mesh, replica_meshes, replica_view
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +20,10 @@ log = logging.getLogger(__name__)
 def load_engines(model: str | Path | LoadedModel, config: EngineConfig = EngineConfig(),
                  mesh: MeshSpec | Mesh | str | None = None, dtype: str = "auto", progress: bool = True) -> list[Engine]:
     """One Engine per replica of `mesh`: a MeshSpec, its text ("tp=2,dp=2"), a jax Mesh for one
-    engine, or None (one device). A LoadedModel is used as it is (shared, not copied)."""
+    engine, or None (one device). A LoadedModel is used where it lies if that is the target (one
+    device, or loaded onto this mesh); otherwise each replica gets a copy in its shardings."""
     if isinstance(mesh, Mesh):
+        check_engine_mesh(mesh)  # before loading anything
         loaded = _load(model, dtype, progress, mesh)
         return [_start(loaded, config, mesh, 0, 1)]
     spec = as_mesh_spec(mesh)  # ValueError with a one-line message on bad text

@@ -140,9 +140,13 @@ class Engine:
         self._aborted.append(request)
         return True
 
+    def unfinished_request_ids(self) -> list[str]:
+        """Every waiting or running request."""
+        return self.scheduler.unfinished_ids()
+
     def abort_all(self) -> int:
         """Aborts every unfinished request; returns how many."""
-        return sum(self.abort(rid) for rid in self.scheduler.unfinished_ids())
+        return sum(self.abort(rid) for rid in self.unfinished_request_ids())
 
     def step(self) -> list[RequestDelta]:
         """One step of every running request; the deltas it produced (aborted requests' final ones first)."""

@@ -48,11 +48,9 @@ class EnginePool:
             raise ValueError("EnginePool needs at least one engine")
         self.replicas = [AsyncEngine(e) for e in engines]
         self._engines = engines
-        self.max_queued_requests = max_queued_requests
         self.capacity = sum(e.info().max_num_seqs for e in engines) + max_queued_requests
         self._where: dict[str, int] = {}  # request id -> replica index, while in flight
 
-    @property
     def info(self) -> EngineInfo:
         """The first replica's facts (the model and limits are the same on every replica)."""
         return self._engines[0].info()
@@ -60,10 +58,6 @@ class EnginePool:
     @property
     def tokenizer(self):
         return self._engines[0].tokenizer
-
-    @property
-    def num_replicas(self) -> int:
-        return len(self._engines)
 
     @property
     def in_flight(self) -> int:
@@ -81,7 +75,7 @@ class EnginePool:
         if request_id in self._where:
             raise DuplicateRequestError(f"request_id {request_id!r} is already in flight")
         if self.in_flight >= self.capacity:
-            raise QueueFullError(f"the server is full: {self.in_flight} requests in flight "
+            raise QueueFullError(f"full: {self.in_flight} requests in flight "
                                  f"(capacity {self.capacity}); retry later")
         index = min(range(len(self.replicas)), key=self._load)
         self._where[request_id] = index
@@ -101,7 +95,7 @@ class EnginePool:
 
     async def stats(self) -> PoolStats:
         """Counters read on each engine's thread, between steps."""
-        per_replica = [await r.call(Engine.stats) for r in self.replicas]
+        per_replica = [await r.call(lambda engine: engine.stats()) for r in self.replicas]
         return _sum_stats(per_replica, self.in_flight)
 
     def snapshot(self) -> PoolStats:

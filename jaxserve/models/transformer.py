@@ -20,7 +20,8 @@ from jaxserve.config import LayerGroup, ModelConfig
 from jaxserve.models import layers as L
 from jaxserve.ops.attention import AttentionMetadata, write_kv
 from jaxserve.ops.backends import AttentionBackend
-from pallas_kernels.kv_quant import KVFormat, KVPages
+from pallas_kernels.kv_formats import KVFormat
+from pallas_kernels.kv_quant import KVPages
 
 # Logical axes of the model's state and of attention's activations (parameters carry theirs in ParamSpec).
 KV_PAGE_AXES = ("layers", "pages", "page_slots", "kv_heads", "head_dim")  # codes and block scales
@@ -112,7 +113,9 @@ def _make_params(module: nnx.Module, specs: dict[str, ParamSpec], rngs: nnx.Rngs
 
 
 def ffn(p: dict, x, cfg: ModelConfig, kind: str):
-    """The FFN block of one layer; MoE kinds replace this for expert layers."""
+    """The FFN block of one layer of the group's kind (ffn_param_specs lists its parameters)."""
+    if kind != "dense":
+        raise NotImplementedError(f"{kind} FFN blocks are not implemented yet")
     return L.swiglu(x, p["w_gate"], p["w_up"], p["w_down"])
 
 

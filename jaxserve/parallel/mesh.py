@@ -28,10 +28,6 @@ class MeshSpec:
     def num_devices(self) -> int:
         return self.tp * self.dp
 
-    @property
-    def sizes(self) -> dict[str, int]:
-        return {axis: getattr(self, axis) for axis in DEVICE_ORDER}
-
     def __str__(self) -> str:
         return f"tp={self.tp},dp={self.dp}"
 

@@ -1,5 +1,5 @@
-"""Where the engine's arrays live, all derived from the axis table (rules.py) through LogicalMesh:
-parameters (ParamSpec.logical_axes), KV pages (the model's kv_page_axes) and host batches.
+"""Where weights live, derived from the axis table (rules.py) through LogicalMesh (the runner places
+KV pages and host batches the same way, by their logical axes).
 
 There is one route for weights: `place` puts arrays (numpy from a checkpoint reader, or arrays
 already on devices) straight into their target shardings; load_model uses it and orbax restores
@@ -35,7 +35,7 @@ def param_axes(cfg: ModelConfig) -> dict:
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict:
-    """NamedShardings matching the params' pure dict (for load_model(..., shardings=...))."""
+    """NamedShardings matching the params' pure dict (what load_model(..., mesh=...) loads into)."""
     return LogicalMesh.build(cfg, mesh).shardings(param_axes(cfg))
 
 

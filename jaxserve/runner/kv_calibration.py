@@ -19,7 +19,8 @@ import numpy as np
 from jaxserve.checkpoint import LoadedModel
 from jaxserve.models import AttentionMetadata, empty_kv_pages, forward
 from jaxserve.ops.backends import XLA
-from pallas_kernels.kv_quant import FORMATS, KVFormat, channel_scales, rotate
+from pallas_kernels.kv_formats import FORMATS, KVFormat
+from pallas_kernels.kv_quant import channel_scales, rotate
 
 log = logging.getLogger(__name__)
 MAX_CALIBRATION_TOKENS = 512

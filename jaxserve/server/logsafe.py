@@ -31,8 +31,8 @@ def _escape(c: str) -> str:
 
 class RateLimitedLog:
     """At most `burst` lines per `interval` seconds through `logger`; lines beyond that are counted
-    and reported in one line when the next interval starts, so a flood of bad requests cannot fill
-    the disk and nothing goes unaccounted."""
+    and reported in one line with the first refusal after the interval (or at `flush()`, on
+    shutdown), so a flood of bad requests cannot fill the disk and nothing goes unaccounted."""
 
     def __init__(self, logger: logging.Logger, burst: int = 50, interval: float = 10.0):
         self.logger, self.burst, self.interval = logger, burst, interval

@@ -7,7 +7,8 @@ are recorded per request by the service as tokens stream out. Label values are t
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
 
 # Latency buckets in seconds (CPU decode steps are ~0.1-0.5 s; accelerators far less).
 _LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -41,12 +42,7 @@ class ServerMetrics:
                                 _MODEL + ("finished_reason",), registry=registry)
         self._failure = Counter(_PREFIX + "request_failure", "Requests that ended in a gRPC error.",
                                 _MODEL + ("code",), registry=registry)
-        gauges = {"num_requests_running": ("Requests in the running batch.", lambda s: s.running),
-                  "num_requests_waiting": ("Requests waiting to be scheduled.", lambda s: s.waiting),
-                  "kv_cache_usage_perc": ("Fraction of KV pages in use (1 = full).", lambda s: s.kv_cache_usage)}
-        for name, (doc, read) in gauges.items():
-            gauge = Gauge(_PREFIX + name, doc, _MODEL, registry=registry).labels(model_name)
-            gauge.set_function(lambda read=read: read(pool.snapshot()))
+        registry.register(_PoolGauges(pool, model_name))
 
     def serve(self, port: int, host: str = "0.0.0.0"):
         """Starts the /metrics HTTP endpoint on a daemon thread; returns the server."""
@@ -66,3 +62,23 @@ class ServerMetrics:
         self.prefix_cache_queries.inc(usage.prompt_tokens)
         self.prefix_cache_hits.inc(usage.cached_prompt_tokens)
         self._success.labels(self.model_name, finish_reason).inc()
+
+
+class _PoolGauges:
+    """The engines' gauges, from one snapshot of the pool per scrape (so they agree with each other)."""
+    GAUGES = {"num_requests_running": ("Requests in the running batch.", lambda s: s.running),
+              "num_requests_waiting": ("Requests waiting to be scheduled.", lambda s: s.waiting),
+              "kv_cache_usage_perc": ("Fraction of KV pages in use (1 = full).", lambda s: s.kv_cache_usage)}
+
+    def __init__(self, pool, model_name: str):
+        self.pool, self.model_name = pool, model_name
+
+    def describe(self):
+        return [GaugeMetricFamily(_PREFIX + name, doc, labels=_MODEL) for name, (doc, _) in self.GAUGES.items()]
+
+    def collect(self):
+        snapshot = self.pool.snapshot()
+        for name, (doc, read) in self.GAUGES.items():
+            family = GaugeMetricFamily(_PREFIX + name, doc, labels=_MODEL)
+            family.add_metric([self.model_name], float(read(snapshot)))
+            yield family

@@ -89,7 +89,7 @@ class _Refused(Exception):
 class JaxServeService(pb_grpc.JaxServeServicer):
     def __init__(self, pool: EnginePool, info: ServingInfo, metrics: ServerMetrics):
         self.pool, self.info, self.metrics = pool, info, metrics
-        self.engine_info = pool.info  # model facts are the same on every replica
+        self.engine_info = pool.info()  # model facts are the same on every replica
         self.tokenizer = pool.tokenizer
         self.refusals = RateLimitedLog(log)
         self.draining = False
@@ -147,10 +147,12 @@ class JaxServeService(pb_grpc.JaxServeServicer):
                      delta.usage.cached_prompt_tokens, delta.usage.completion_tokens, timings.ttft_s, timings.e2e_s)
         return protocol.generate_response(delta, timings)
 
-    async def refuse(self, context, rid: str | None, code: grpc.StatusCode, message: str):
-        """Counts, logs (rate-limited, escaped) and answers a refused request."""
+    async def refuse(self, context, rid: str | None, code: grpc.StatusCode, message: str,
+                     what: str = "undecodable request"):
+        """Counts, logs (rate-limited, escaped) and answers a refused request; `what` names a
+        request that has no id."""
         self.metrics.record_failure(code.name)
-        who = "undecodable request" if rid is None else f"request {loggable(rid)}"
+        who = what if rid is None else f"request {loggable(rid)}"
         self.refusals.info("%s refused: %s %s", who, code.name, loggable(message))
         await context.abort(code, message)
 
@@ -162,7 +164,7 @@ class JaxServeService(pb_grpc.JaxServeServicer):
             else:
                 ids = tok.encode(request.text, add_special_tokens=request.add_special_tokens)
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await self.refuse(context, None, grpc.StatusCode.INVALID_ARGUMENT, str(e), "tokenize request")
         return pb.TokenizeResponse(token_ids=ids)
 
     async def Detokenize(self, request: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:
@@ -170,13 +172,14 @@ class JaxServeService(pb_grpc.JaxServeServicer):
         vocab = self.engine_info.model_config.vocab_size
         bad = [t for t in request.token_ids if not 0 <= t < vocab]
         if bad:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"token_ids must be in [0, {vocab}), got {bad[0]}")
+            await self.refuse(context, None, grpc.StatusCode.INVALID_ARGUMENT,
+                              f"token_ids must be in [0, {vocab}), got {bad[0]}", "detokenize request")
         return pb.DetokenizeResponse(text=tok.decode(list(request.token_ids), request.skip_special_tokens))
 
     async def _tokenizer(self, context):
         if self.tokenizer is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this model has no tokenizer")
+            await self.refuse(context, None, grpc.StatusCode.FAILED_PRECONDITION, "this model has no tokenizer",
+                              "tokenizer request")
         return self.tokenizer
 
     async def GetModelInfo(self, request, context) -> pb.ModelInfo:
