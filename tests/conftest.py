@@ -23,10 +23,18 @@ REAL_MODEL_FIXTURES = frozenset({"smollm2_gguf", "smollm2_checkpoint", "smollm2_
                                  "grpc_server"})
 
 
+# The longest files (minutes each on a 2-core host), started first: workers take a file at a time in
+# collection order, so one of these left for the end would run alone while the other worker idles.
+LONGEST_FILES_FIRST = ("test_mesh.py", "test_kv_cache_dtypes.py", "test_smollm2.py", "test_cli.py", "test_engine.py",
+                       "test_server.py", "test_server_fuzz.py")
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
 
 
 @pytest.fixture(autouse=True, scope="module")

