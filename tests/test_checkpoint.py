@@ -69,3 +69,25 @@ def test_orbax_restores_in_bfloat16(tmp_path):
     assert all(weight(a).dtype == jax.numpy.bfloat16 for a in jax.tree.leaves(params))
     # on CPU the layer stacks travel as bits through the layer scan (layers.as_stored)
     assert all(a.dtype == jax.numpy.uint16 for a in jax.tree.leaves(params["layers"]))
+
+
+def test_processes_starting_together_convert_a_named_model_once(smollm2_gguf, tmp_path):
+    """Two processes resolving `smollm2-135m` into an empty cache at the same moment (two servers,
+    or test workers): one converts while the other waits on the folder's lock; both get the same
+    checkpoint and no temporary sibling is left. (The GGUF is placed first, so nothing downloads.)"""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    (tmp_path / "smollm2-135m").mkdir()
+    shutil.copy(smollm2_gguf, tmp_path / "smollm2-135m" / smollm2_gguf.name)
+    code = "from jaxserve.checkpoint.registry import resolve_model; print(resolve_model('smollm2-135m', progress=False))"
+    env = {**os.environ, "JAXSERVE_CACHE": str(tmp_path)}
+    runs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    results = [(run.communicate(timeout=600), run.returncode) for run in runs]
+    assert [code for _, code in results] == [0, 0], [err for (_, err), _ in results]
+    assert {out.strip() for (out, _), _ in results} == {str(tmp_path / "smollm2-135m" / "orbax")}
+    assert sorted(p.name for p in (tmp_path / "smollm2-135m").iterdir()) == [".lock", smollm2_gguf.name, "orbax"]
+    assert load_model(tmp_path / "smollm2-135m" / "orbax", progress=False).config.num_layers == 30
