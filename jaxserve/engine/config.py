@@ -20,7 +20,8 @@ class EngineConfig:
     max_model_len: int | None = None      # default: the model's context length
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"          # auto (the model dtype) | float32 | bfloat16 | fp8 | int8 | int4 | nvfp4
-    attention_backend: str = "auto"       # auto (the platform's kernel; native on CPU, xla for 4-bit pages) | xla | native | pallas
+    # auto (the platform's kernel: native on CPU, xla for 4-bit pages) | xla | native | pallas
+    attention_backend: str = "auto"
 
     def __post_init__(self):
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
