@@ -4,7 +4,8 @@ Parameters name their axes in `ParamSpec.logical_axes`, and the KV pages and att
 activations theirs (KV_PAGE_AXES, ATTENTION_HEAD_AXES), all in jaxserve/models/transformer.py. A
 logical axis is split over its mesh axis only when its count divides evenly by the mesh axis size
 (counted in heads for q_heads / kv_heads, so a split never cuts a head); otherwise it is replicated.
-Query heads split with q_heads in the projections, but inside attention they follow kv_heads, so each device holds whole GQA groups with their keys and values.
+Query heads split with q_heads in the projections, but inside attention they follow kv_heads, so
+each device holds whole GQA groups with their keys and values.
 """
 from __future__ import annotations
 
