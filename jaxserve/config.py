@@ -8,7 +8,8 @@ from pathlib import Path
 from jaxserve.errors import CheckpointError, UnsupportedModelError
 
 # HF `model_type` values whose decoder this core implements.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +28,7 @@ class LayerGroup:
     under one scan. A model is a sequence of groups, so layers of different kinds (dense and MoE
     FFNs) can mix; a dense model is one group."""
     name: str    # the key of its stacked parameters ("layers" for the first group)
-    kind: str    # which layer body and FFN parameters: "dense"
+    kind: str    # which FFN the layers have: "dense" (SwiGLU) or "moe" (routed experts)
     start: int   # global index of its first layer (KV pages are indexed by global layer)
     count: int
 
@@ -57,9 +58,19 @@ class ModelConfig:
     o_bias: bool = False            # Llama with attention_bias
     qk_norm: bool = False           # Qwen3: RMSNorm over each head of q and k
     sliding_window: int | None = None
-    # MoE slot: 0 means the dense SwiGLU FFN; the MoE issue fills these in.
+    # Mixture of experts (0 experts: every layer is dense). See jaxserve/ops/moe.py.
     num_experts: int = 0
     num_experts_per_token: int = 0
+    moe_intermediate_size: int = 0              # each routed expert's FFN width
+    shared_expert_intermediate_size: int = 0    # Qwen2-MoE's sigmoid-gated shared expert (0: none)
+    norm_topk_prob: bool = True                 # renormalize the chosen experts' weights to sum to 1
+    dense_layers: tuple[int, ...] = ()          # layers with a dense FFN in an MoE model
+    # Opt-in dynamic expert skipping (off: the plain top-k router, bit for bit). Per token, a chosen
+    # expert is dropped when its weight (renormalized over the chosen k) is below
+    # moe_min_router_weight, or when the experts before it already hold moe_top_p of the weight;
+    # the first expert is always kept and the kept weights are rescaled to the original total.
+    moe_min_router_weight: float = 0.0
+    moe_top_p: float = 1.0
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -69,15 +80,46 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise CheckpointError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.num_experts:
+            self._check_moe()
+
+    def _check_moe(self):
+        if not 1 <= self.num_experts_per_token <= self.num_experts:
+            raise CheckpointError(f"num_experts_per_tok={self.num_experts_per_token} must be between 1 and "
+                                  f"num_experts={self.num_experts}")
+        if self.moe_intermediate_size < 1:
+            raise CheckpointError(f"moe_intermediate_size={self.moe_intermediate_size} must be positive")
+        if not 0.0 <= self.moe_min_router_weight < 1.0:
+            raise ValueError(f"moe_min_router_weight must be in [0, 1), got {self.moe_min_router_weight}")
+        if not 0.0 < self.moe_top_p <= 1.0:
+            raise ValueError(f"moe_top_p must be in (0, 1], got {self.moe_top_p}")
+        outside = [i for i in self.dense_layers if not 0 <= i < self.num_layers]
+        if outside:
+            raise CheckpointError(f"dense layer {outside[0]} is outside the model's {self.num_layers} layers")
+
+    @property
+    def skips_experts(self) -> bool:
+        """Whether the router drops some chosen experts (dynamic expert skipping is on)."""
+        return self.moe_min_router_weight > 0.0 or self.moe_top_p < 1.0
 
     @property
     def q_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    def layer_kind(self, layer: int) -> str:
+        return "moe" if self.num_experts and layer not in self.dense_layers else "dense"
+
     @property
     def layer_groups(self) -> tuple[LayerGroup, ...]:
-        """The model's layers as groups of one kind each, in order (see LayerGroup)."""
-        return (LayerGroup("layers", "moe" if self.num_experts else "dense", 0, self.num_layers),)
+        """The model's layers as runs of one kind each, in order (see LayerGroup). The first group's
+        parameters are "layers"; a later one's "layers_<first layer>"."""
+        groups, start = [], 0
+        for i in range(1, self.num_layers + 1):
+            if i == self.num_layers or self.layer_kind(i) != self.layer_kind(start):
+                name = "layers" if start == 0 else f"layers_{start}"
+                groups.append(LayerGroup(name, self.layer_kind(start), start, i - start))
+                start = i
+        return tuple(groups)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -87,8 +129,9 @@ class ModelConfig:
         d = json.loads(text)
         if d.get("rope_scaling"):
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-        if d.get("rope_freq_factors"):
-            d["rope_freq_factors"] = tuple(d["rope_freq_factors"])
+        for key in ("rope_freq_factors", "dense_layers"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
         return cls(**d)
 
 
@@ -111,11 +154,29 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
 
 
 def _sliding_window_from_hf(hf: dict, arch: str) -> int | None:
-    if arch in ("qwen2", "qwen3"):
+    if arch.startswith("qwen"):
         if hf.get("use_sliding_window"):
             raise UnsupportedModelError(f"{arch} with use_sliding_window=true is not supported")
         return None
     return hf.get("sliding_window")
+
+
+def _moe_from_hf(hf: dict, arch: str) -> dict:
+    """The MoE fields of a Mixtral / Qwen2-MoE / Qwen3-MoE config.json (KeyError names a missing field)."""
+    if arch == "mixtral":  # every layer routed; the experts' width is intermediate_size
+        return dict(num_experts=int(hf["num_local_experts"]), num_experts_per_token=int(hf["num_experts_per_tok"]),
+                    moe_intermediate_size=int(hf["intermediate_size"]), norm_topk_prob=True)
+    experts = hf.get("num_experts", hf.get("num_local_experts"))
+    if experts is None:
+        raise KeyError("num_experts")
+    step = int(hf.get("decoder_sparse_step") or 1)
+    only_mlp = set(hf.get("mlp_only_layers") or ())
+    dense = tuple(i for i in range(int(hf["num_hidden_layers"])) if i in only_mlp or (i + 1) % step)
+    return dict(num_experts=int(experts), num_experts_per_token=int(hf["num_experts_per_tok"]),
+                moe_intermediate_size=int(hf["moe_intermediate_size"]),
+                shared_expert_intermediate_size=int(hf.get("shared_expert_intermediate_size") or 0)
+                if arch == "qwen2_moe" else 0,
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)), dense_layers=dense)
 
 
 def from_hf_config(hf: dict) -> ModelConfig:
@@ -147,10 +208,11 @@ def from_hf_config(hf: dict) -> ModelConfig:
             rope_theta=theta,
             rope_scaling=scaling,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=arch == "qwen2" or attention_bias,
-            o_bias=arch != "qwen2" and attention_bias,
-            qk_norm=arch == "qwen3",
+            qkv_bias=(arch == "qwen2" or attention_bias or (arch == "qwen2_moe" and hf.get("qkv_bias", True))),
+            o_bias=arch not in ("qwen2", "qwen2_moe") and attention_bias,
+            qk_norm=arch in ("qwen3", "qwen3_moe"),
             sliding_window=_sliding_window_from_hf(hf, arch),
+            **(_moe_from_hf(hf, arch) if arch in MOE_ARCHITECTURES else {}),
         )
     except KeyError as e:
         raise CheckpointError(f"config.json is missing the field {e.args[0]!r}") from None

@@ -43,7 +43,8 @@ class LLM:
     def __init__(self, model: str | LoadedModel = DEFAULT_MODEL, dtype: str = "auto", progress: bool = True,
                  mesh=None, **engine_options):
         """model: a known name, a checkpoint path, or an already loaded model (shared, not copied).
-        mesh: None (one device), a jax Mesh with axis "tp", or text such as "tp=2" (jaxserve.parallel)."""
+        mesh: None (one device), a jax Mesh with axes ("tp",) or ("ep", "tp"), or text such as
+        "tp=2" or "tp=2,ep=2" (jaxserve.parallel)."""
         config = EngineConfig(**engine_options)
         (self.engine,) = load_engines(model, config, single_engine_mesh(mesh), dtype=dtype, progress=progress)
         self.tokenizer = self.engine.tokenizer

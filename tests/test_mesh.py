@@ -51,7 +51,7 @@ def test_parse_mesh(text, spec):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("pp=2", "--mesh: unknown axis 'pp' (known: tp, dp)"),
+    ("pp=2", "--mesh: unknown axis 'pp' (known: tp, ep, dp)"),
     ("tp=0", "--mesh: tp must be a positive integer, got 0"),
     ("dp=-2", "--mesh: dp must be a positive integer, got -2"),
     ("tp=two", "--mesh: tp must be a positive integer, got 'two'"),
@@ -73,7 +73,7 @@ def test_replica_meshes_take_disjoint_consecutive_devices():
 
 
 def test_replica_meshes_need_enough_devices():
-    with pytest.raises(ValueError, match=re.escape("needs 12 devices (tp x dp), but only 8 are available")):
+    with pytest.raises(ValueError, match=re.escape("needs 12 devices (tp x ep x dp), but only 8 are available")):
         replica_meshes(MeshSpec(tp=4, dp=3))
 
 

@@ -24,7 +24,15 @@ VARIANTS = {
     "mistral": ("MistralConfig", dict(sliding_window=5, head_dim=16)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(head_dim=32, attention_bias=False)),
+    # Mixture of experts: top-2 of 4, renormalized; a sigmoid-gated shared expert, top-k weights as
+    # they come; 6 experts with a dense layer (1) between MoE layers.
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                         shared_expert_intermediate_size=80, norm_topk_prob=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=32,
+                                         mlp_only_layers=[1], norm_topk_prob=True)),
 }
+MOE_VARIANTS = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def make_hf_model(variant: str, seed: int = 0, **overrides):
@@ -54,10 +62,16 @@ def hf_logits(model, ids) -> np.ndarray:
 
 def save_safetensors(model, directory: Path, max_shard_size=None, tokenizer=None) -> Path:
     """config.json + safetensors (sharded when max_shard_size is given) without transformers' GGUF
-    bookkeeping, so it works for models transformers loaded from GGUF too."""
+    bookkeeping, so it works for models transformers loaded from GGUF too. MoE models go through
+    save_pretrained, which writes one tensor per expert as published checkpoints have them."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
+    if model.config.model_type in MOE_VARIANTS:
+        model.save_pretrained(directory, max_shard_size=max_shard_size or "10GB")
+        if tokenizer is not None:
+            tokenizer.save(directory)
+        return directory
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     (directory / "config.json").write_text(json.dumps(config))
@@ -100,11 +114,46 @@ LAYER_HF_TO_GGUF = {
 }
 
 
+# MoE tensors of transformers' in-memory layout (experts fused: gate_up_proj [E, 2F, D], down_proj [E, D, F]).
+MOE_HF_TO_GGUF = {
+    "mlp.gate.weight": "ffn_gate_inp.weight", "mlp.experts.down_proj": "ffn_down_exps.weight",
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight", "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
+}
+
+
 def gguf_name(hf_name: str) -> str:
     if hf_name in HF_TO_GGUF:
         return HF_TO_GGUF[hf_name]
     _, _, i, rest = hf_name.split(".", 3)
-    return f"blk.{i}.{LAYER_HF_TO_GGUF[rest]}"
+    return f"blk.{i}.{LAYER_HF_TO_GGUF.get(rest) or MOE_HF_TO_GGUF[rest]}"
+
+
+def gguf_tensors(model):
+    """(gguf name, float32 array) of every tensor, MoE experts stacked as llama.cpp stores them:
+    ffn_{gate,up,down}_exps [E, out, in] and the shared expert's gate as a vector [D]."""
+    for name, tensor in model.state_dict().items():
+        array = tensor.float().numpy()
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix = gguf_name(name.replace("experts.gate_up_proj", "gate.weight")).removesuffix("ffn_gate_inp.weight")
+            half = array.shape[1] // 2
+            yield prefix + "ffn_gate_exps.weight", np.ascontiguousarray(array[:, :half])
+            yield prefix + "ffn_up_exps.weight", np.ascontiguousarray(array[:, half:])
+        elif name.endswith("shared_expert_gate.weight"):
+            yield gguf_name(name), array.reshape(-1)
+        else:
+            yield gguf_name(name), array
+
+
+def _add_moe_metadata(w, cfg):
+    w.add_expert_count(cfg.num_local_experts if cfg.model_type == "mixtral" else cfg.num_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    if cfg.model_type != "mixtral":
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        w.add_expert_weights_norm(bool(cfg.norm_topk_prob))
+    if getattr(cfg, "shared_expert_intermediate_size", 0):
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
 
 
 def write_gguf(model, path: Path, tensor_type=None, raw_overrides=None) -> Path:
@@ -116,7 +165,8 @@ def write_gguf(model, path: Path, tensor_type=None, raw_overrides=None) -> Path:
     import gguf
 
     cfg = model.config
-    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}[cfg.model_type]
+    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "llama",
+            "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}[cfg.model_type]
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -130,11 +180,12 @@ def write_gguf(model, path: Path, tensor_type=None, raw_overrides=None) -> Path:
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
+    if cfg.model_type in MOE_VARIANTS:
+        _add_moe_metadata(w, cfg)
     raw_overrides = raw_overrides or {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+    for gname, array in gguf_tensors(model):
+        if gname == "output.weight" and cfg.tie_word_embeddings:
             continue
-        gname, array = gguf_name(name), tensor.float().numpy()
         if arch == "llama" and gname.endswith(("attn_q.weight", "attn_q.bias")):
             array = _permute_rope_rows(array, cfg.num_attention_heads)
         if arch == "llama" and gname.endswith(("attn_k.weight", "attn_k.bias")):

@@ -40,6 +40,18 @@ class LoadedModel:
     dtype: str
     name: str = ""         # what it was loaded as: a known model name or a checkpoint path
 
+    def with_router_options(self, **options) -> LoadedModel:
+        """The same weights with MoE router options (ModelConfig.moe_min_router_weight, moe_top_p)
+        set; the model's structure is static, so its graphdef is rebuilt for the new config."""
+        if not options:
+            return self
+        if not self.config.num_experts:
+            raise ValueError(f"{', '.join(options)} applies to mixture-of-experts models; "
+                             f"{self.name or 'this model'} ({self.config.architecture}) has no experts")
+        cfg = dataclasses.replace(self.config, **options)
+        graphdef, _ = abstract_model(cfg, jnp.dtype(self.dtype))
+        return dataclasses.replace(self, config=cfg, graphdef=graphdef)
+
 
 def resolve_dtype(dtype: str) -> str:
     """"auto" is float32 on CPU (XLA:CPU bfloat16 matmuls are slow) and bfloat16 on accelerators."""

@@ -10,12 +10,17 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from jaxserve.checkpoint.names import IGNORED, LAYER_TENSORS, TOP_TENSORS, ParamAssembler, name_index
+from jaxserve.checkpoint.names import IGNORED, ParamAssembler, name_index, transposed
 from jaxserve.config import ModelConfig, RopeScaling
 from jaxserve.errors import CheckpointError, UnsupportedModelError
 
-# GGUF general.architecture -> our architecture (Mistral GGUFs are written as "llama").
-_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+# GGUF general.architecture -> our architecture (Mistral GGUFs are written as "llama", and so are
+# Mixtral's, with an expert count).
+_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+                  "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+# Whether the chosen experts' weights are renormalized, where the file does not say
+# ({arch}.expert_weights_norm): as llama.cpp runs these architectures.
+_NORM_TOPK_DEFAULT = {"llama": True, "qwen2moe": False, "qwen3moe": True}
 
 
 def open_gguf(path: Path) -> gguf.GGUFReader:
@@ -41,8 +46,6 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
     if arch not in _ARCHITECTURES:
         raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r}; jaxserve supports "
                                     + ", ".join(_ARCHITECTURES))
-    if meta.get(f"{arch}.expert_count"):
-        raise UnsupportedModelError(f"mixture-of-experts GGUF models ({arch}) are not supported yet")
     tensors = {t.name: t for t in reader.tensors}
 
     def get(key, default=None):
@@ -62,8 +65,9 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
     freq_factors = None
     if "rope_freqs.weight" in tensors:  # llama3-style scaling, stored as per-frequency divisors
         freq_factors = tuple(float(x) for x in np.asarray(tensors["rope_freqs.weight"].data).ravel())
+    moe = _moe_from_gguf(meta, arch, tensors, int(get("block_count")), get)
     return ModelConfig(
-        architecture=_ARCHITECTURES[arch],
+        architecture="mixtral" if arch == "llama" and moe else _ARCHITECTURES[arch],
         vocab_size=int(meta.get(f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)),
         hidden_size=hidden,
         intermediate_size=int(get("feed_forward_length")),
@@ -81,7 +85,28 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
         o_bias="blk.0.attn_output.bias" in tensors,
         qk_norm="blk.0.attn_q_norm.weight" in tensors,
         sliding_window=meta.get(f"{arch}.attention.sliding_window"),
+        **moe,
     )
+
+
+def _moe_from_gguf(meta: dict, arch: str, tensors: dict, num_layers: int, get) -> dict:
+    """The MoE fields from {arch}.expert_* metadata ({} for a dense model). A layer without a
+    router tensor (blk.N.ffn_gate_inp) has a dense FFN of feed_forward_length."""
+    experts = int(meta.get(f"{arch}.expert_count") or 0)
+    if not experts:
+        return {}
+    if arch not in _NORM_TOPK_DEFAULT:
+        raise UnsupportedModelError(f"mixture-of-experts GGUF models of architecture {arch!r} are not supported")
+    width = meta.get(f"{arch}.expert_feed_forward_length") or get("feed_forward_length")
+    return dict(num_experts=experts, num_experts_per_token=int(get("expert_used_count")),
+                moe_intermediate_size=int(width),
+                shared_expert_intermediate_size=int(meta.get(f"{arch}.expert_shared_feed_forward_length") or 0),
+                norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", _NORM_TOPK_DEFAULT[arch])),
+                dense_layers=tuple(i for i in range(num_layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensors))
+
+
+def gguf_architecture(reader: gguf.GGUFReader) -> str:
+    return reader.fields["general.architecture"].contents()
 
 
 def unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
@@ -104,9 +129,10 @@ def load_gguf(reader: gguf.GGUFReader, dtype, progress=None) -> tuple[ModelConfi
     path = reader.data.filename
     cfg = config_from_gguf(reader)
     index = name_index(cfg, "gguf")
-    transposed = {n: t.transpose for n, t in {**TOP_TENSORS, **LAYER_TENSORS}.items()}
     permute_heads = {"wq": cfg.num_heads, "wk": cfg.num_kv_heads, "bq": cfg.num_heads, "bk": cfg.num_kv_heads}
-    assembler = ParamAssembler(cfg, dtype, str(path))
+    if gguf_architecture(reader) != "llama":  # only llama.cpp's llama converter permutes Q and K
+        permute_heads = {}
+    assembler = ParamAssembler(cfg, dtype, str(path), index)
     for tensor in reader.tensors:
         if progress:
             progress(1)
@@ -114,9 +140,9 @@ def load_gguf(reader: gguf.GGUFReader, dtype, progress=None) -> tuple[ModelConfi
             if tensor.name not in IGNORED:
                 assembler.problems.append(f"unexpected tensor {tensor.name}")
             continue
-        ours, layer = index[tensor.name]
+        ours, layer, _ = index[tensor.name]
         array = dequantize(tensor)
-        if cfg.architecture == "llama" and ours in permute_heads:
+        if ours in permute_heads:
             array = unpermute_rope_rows(array, permute_heads[ours])
-        assembler.put(ours, layer, array, transposed[ours])
+        assembler.put(ours, layer, array, transposed(ours))
     return cfg, assembler.finish()

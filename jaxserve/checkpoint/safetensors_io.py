@@ -13,7 +13,7 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
-from jaxserve.checkpoint.names import IGNORED, TOP_TENSORS, LAYER_TENSORS, ParamAssembler, name_index
+from jaxserve.checkpoint.names import IGNORED, ParamAssembler, name_index, transposed
 from jaxserve.config import ModelConfig, load_hf_config
 from jaxserve.errors import CheckpointError
 
@@ -66,16 +66,15 @@ def load_safetensors_dir(directory: Path, dtype, progress=None) -> tuple[ModelCo
     directory = Path(directory)
     cfg = load_hf_config(directory / "config.json")
     index = name_index(cfg, "hf")
-    transposed = {n: t.transpose for n, t in {**TOP_TENSORS, **LAYER_TENSORS}.items()}
-    assembler = ParamAssembler(cfg, dtype, str(directory))
+    assembler = ParamAssembler(cfg, dtype, str(directory), index)
     unexpected = []
     for path in safetensors_files(directory):
         for name, array in read_safetensors(path):
             if progress:
                 progress(1)
             if name in index:
-                ours, layer = index[name]
-                assembler.put(ours, layer, array, transposed[ours])
+                ours, layer, expert = index[name]
+                assembler.put(ours, layer, array, transposed(ours), expert)
             elif not any(name.endswith(s) for s in IGNORED) and not (cfg.tie_word_embeddings and name == "lm_head.weight"):
                 unexpected.append(name)
     if unexpected:

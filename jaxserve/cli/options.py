@@ -37,11 +37,17 @@ def add_engine_options(p):
                    help="auto: the platform's Pallas kernel on TPU/GPU, the native C++ decode kernel "
                         "(else XLA) on CPU")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step (prefill chunk)")
+    p.add_argument("--moe-min-router-weight", type=float, default=0.0,
+                   help="MoE models: skip a chosen expert whose renormalized router weight is below this "
+                        "(0: off; the top expert always runs)")
+    p.add_argument("--moe-top-p", type=float, default=1.0,
+                   help="MoE models: run the fewest chosen experts holding this share of router weight (1: off)")
 
 
 def engine_options(args) -> dict:
     return dict(kv_cache_dtype=args.kv_cache_dtype, kv_cache_memory=args.kv_cache_memory,
-                attention_backend=args.attention_backend, max_num_batched_tokens=args.max_num_batched_tokens)
+                attention_backend=args.attention_backend, max_num_batched_tokens=args.max_num_batched_tokens,
+                moe_min_router_weight=args.moe_min_router_weight, moe_top_p=args.moe_top_p)
 
 
 def size(text: str) -> int:

@@ -22,6 +22,16 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"          # auto (the model dtype) | float32 | bfloat16 | fp8 | int8 | int4 | nvfp4
     # auto (the platform's kernel: native on CPU, xla for 4-bit pages) | xla | native | pallas
     attention_backend: str = "auto"
+    # MoE dynamic expert skipping, off by default (see jaxserve.config.ModelConfig): drop a chosen
+    # expert whose renormalized router weight is below this / once the kept experts hold this much.
+    moe_min_router_weight: float = 0.0
+    moe_top_p: float = 1.0
+
+    @property
+    def router_options(self) -> dict:
+        """The router options that differ from the plain top-k router ({} when skipping is off)."""
+        options = dict(moe_min_router_weight=self.moe_min_router_weight, moe_top_p=self.moe_top_p)
+        return {k: v for k, v in options.items() if v != getattr(EngineConfig, k)}
 
     def __post_init__(self):
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -29,6 +39,10 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}; "
                              f"got {self.attention_backend!r}")
+        if not 0.0 <= self.moe_min_router_weight < 1.0:
+            raise ValueError(f"moe_min_router_weight must be in [0, 1), got {self.moe_min_router_weight}")
+        if not 0.0 < self.moe_top_p <= 1.0:
+            raise ValueError(f"moe_top_p must be in (0, 1], got {self.moe_top_p}")
 
     @property
     def kv_memory(self) -> int:

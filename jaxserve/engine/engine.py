@@ -45,11 +45,12 @@ def kv_bytes_per_page(model: LoadedModel, page_size: int, fmt: KVFormat, mesh=No
 
 
 class Engine:
-    """mesh: None (one device) or the engine's jax Mesh (axis "tp"; jaxserve.parallel). Params should
+    """mesh: None (one device) or the engine's jax Mesh (axes "tp", or "ep" and "tp"; jaxserve.parallel). Params should
     already be placed on it (load_model(..., mesh=...), or jaxserve.engine.load_engines); params
     placed elsewhere are put there by the same route."""
 
     def __init__(self, model: LoadedModel, config: EngineConfig = EngineConfig(), mesh: Mesh | None = None):
+        model = model.with_router_options(**config.router_options)
         if mesh is not None:
             check_engine_mesh(mesh)
             log_placement(model.config, mesh)

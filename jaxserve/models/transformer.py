@@ -1,4 +1,5 @@
-"""The decoder-only transformer (Llama, Mistral, Qwen2, Qwen3, SmolLM2) in Flax NNX.
+"""The decoder-only transformer (Llama, Mistral, Qwen2, Qwen3, SmolLM2; Mixtral, Qwen2-MoE and
+Qwen3-MoE with mixture-of-experts FFNs: jaxserve/ops/moe.py) in Flax NNX.
 
 Layers come in groups (ModelConfig.layer_groups): each group's weights are stacked along a leading
 axis and run with `lax.scan`, so XLA compiles one layer body per group however deep the model is
@@ -20,6 +21,7 @@ from jaxserve.config import LayerGroup, ModelConfig
 from jaxserve.models import layers as L
 from jaxserve.ops.attention import AttentionMetadata, write_kv
 from jaxserve.ops.backends import AttentionBackend
+from jaxserve.ops.moe import grouped_impl, routed_experts
 from pallas_kernels.kv_formats import KVFormat
 from pallas_kernels.kv_quant import KVPages
 
@@ -76,14 +78,29 @@ def layer_param_specs(cfg: ModelConfig, group: LayerGroup | None = None) -> dict
 
 
 def ffn_param_specs(cfg: ModelConfig, group: LayerGroup) -> dict[str, ParamSpec]:
-    """The FFN block's parameters for the group's kind. The MoE issue adds expert-stacked weights here."""
-    if group.kind != "dense":
-        raise NotImplementedError(f"{group.kind} FFN blocks are not implemented yet")
-    n, d, f = group.count, cfg.hidden_size, cfg.intermediate_size
+    """The FFN block's parameters for the group's kind: a SwiGLU ("dense"), or a router and
+    experts stacked [layers, experts, ...] plus an optional shared expert ("moe")."""
+    n, d = group.count, cfg.hidden_size
+    if group.kind == "dense":
+        return swiglu_specs(n, d, cfg.intermediate_size, "ffw", "w")
+    e, f = cfg.num_experts, cfg.moe_intermediate_size
+    specs = {
+        "router": ParamSpec((n, d, e), ("layers", "embed", "router")),
+        "we_gate": ParamSpec((n, e, d, f), ("layers", "experts", "embed", "moe_ffw")),
+        "we_up": ParamSpec((n, e, d, f), ("layers", "experts", "embed", "moe_ffw")),
+        "we_down": ParamSpec((n, e, f, d), ("layers", "experts", "moe_ffw", "embed")),
+    }
+    if cfg.shared_expert_intermediate_size:
+        specs.update(swiglu_specs(n, d, cfg.shared_expert_intermediate_size, "shared_ffw", "ws"))
+        specs["ws_router"] = ParamSpec((n, d, 1), ("layers", "embed", "router"))  # the shared expert's gate
+    return specs
+
+
+def swiglu_specs(n: int, d: int, f: int, ffw_axis: str, prefix: str) -> dict[str, ParamSpec]:
     return {
-        "w_gate": ParamSpec((n, d, f), ("layers", "embed", "ffw")),
-        "w_up": ParamSpec((n, d, f), ("layers", "embed", "ffw")),
-        "w_down": ParamSpec((n, f, d), ("layers", "ffw", "embed")),
+        f"{prefix}_gate": ParamSpec((n, d, f), ("layers", "embed", ffw_axis)),
+        f"{prefix}_up": ParamSpec((n, d, f), ("layers", "embed", ffw_axis)),
+        f"{prefix}_down": ParamSpec((n, f, d), ("layers", ffw_axis, "embed")),
     }
 
 
@@ -112,11 +129,15 @@ def _make_params(module: nnx.Module, specs: dict[str, ParamSpec], rngs: nnx.Rngs
         setattr(module, name, _make_param(spec, rngs.params(), dtype))
 
 
-def ffn(p: dict, x, cfg: ModelConfig, kind: str):
+def ffn(p: dict, x, kind: str, ctx: "StepContext"):
     """The FFN block of one layer of the group's kind (ffn_param_specs lists its parameters)."""
-    if kind != "dense":
-        raise NotImplementedError(f"{kind} FFN blocks are not implemented yet")
-    return L.swiglu(x, p["w_gate"], p["w_up"], p["w_down"])
+    if kind == "dense":
+        return L.swiglu(x, p["w_gate"], p["w_up"], p["w_down"])
+    out = routed_experts(p, x, ctx.cfg, grouped_impl(ctx.backend.name), ctx.lmesh)
+    if ctx.cfg.shared_expert_intermediate_size:   # Qwen2-MoE: a dense expert every token runs, sigmoid-gated
+        gate = jax.nn.sigmoid(L.dense(x, p["ws_router"]))   # [T, 1]
+        out = out + gate * L.swiglu(x, p["ws_gate"], p["ws_up"], p["ws_down"])
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +190,7 @@ def decoder_layer(p: dict, x, kv: KVPages, layer, kind: str, ctx: StepContext):
     if cfg.o_bias:
         attn = attn + p["bo"]
     x = x + attn
-    x = x + ffn(p, L.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), cfg, kind)
+    x = x + ffn(p, L.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), kind, ctx)
     return x, kv
 
 

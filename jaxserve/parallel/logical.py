@@ -37,6 +37,10 @@ class LogicalMesh:
         """Whether anything is split at all (a one-device mesh only places)."""
         return self.mesh.size > 1
 
+    def mesh_axis(self, logical: str) -> str | None:
+        """The mesh axis `logical` is split over for this model, or None (replicated)."""
+        return dict(self.rules)[logical]
+
     def spec(self, logical_axes: tuple[str, ...]) -> PartitionSpec:
         """A mesh axis is used once at most: a later logical axis mapping to it is replicated."""
         table = dict(self.rules)

@@ -1,10 +1,11 @@
-"""Device meshes from `--mesh tp=N[,dp=M]`, parsed once into a MeshSpec.
+"""Device meshes from `--mesh tp=N[,ep=E][,dp=M]`, parsed once into a MeshSpec.
 
 tp: tensor parallelism inside one engine (weights, KV heads and FFN split over tp devices).
-dp: independent engine replicas (as vLLM's data-parallel serving), each over its own tp devices.
-A deployment is one device mesh with named axes (dp, tp); each replica's engine runs on its row, a
-sub-mesh with the one axis tp. Where arrays go on either is decided by the logical-axis table
-(rules.py); an axis the table does not map (dp) replicates them.
+ep: expert parallelism inside one engine (an MoE model's experts split over ep groups of tp devices).
+dp: independent engine replicas (as vLLM's data-parallel serving), each over its own ep x tp devices.
+A deployment is one device mesh with named axes (dp, ep, tp); each replica's engine runs on its
+row, a sub-mesh with axes (ep, tp) — just (tp,) when ep is 1. Where arrays go on either is decided
+by the logical-axis table (rules.py); an axis the table does not map (dp) replicates them.
 """
 from __future__ import annotations
 
@@ -14,22 +15,28 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-TP, DP = "tp", "dp"
-MESH_AXES = (TP, DP)           # what --mesh accepts, in the order help and errors list them
-DEVICE_ORDER = (DP, TP)        # axis order of the device mesh: a replica's devices are consecutive
+TP, EP, DP = "tp", "ep", "dp"
+MESH_AXES = (TP, EP, DP)       # what --mesh accepts, in the order help and errors list them
+DEVICE_ORDER = (DP, EP, TP)    # axis order of the device mesh: a replica's devices are consecutive
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshSpec:
     tp: int = 1
     dp: int = 1
+    ep: int = 1
 
     @property
     def num_devices(self) -> int:
-        return self.tp * self.dp
+        return self.tp * self.ep * self.dp
+
+    @property
+    def engine_devices(self) -> int:
+        """Devices of one engine (replica)."""
+        return self.tp * self.ep
 
     def __str__(self) -> str:
-        return f"tp={self.tp},dp={self.dp}"
+        return f"tp={self.tp},dp={self.dp}" + (f",ep={self.ep}" if self.ep > 1 else "")
 
 
 def _parse_size(axis: str, value: str) -> int:
@@ -43,7 +50,7 @@ def _parse_size(axis: str, value: str) -> int:
 
 
 def parse_mesh(text: str | None) -> MeshSpec:
-    """"tp=2", "tp=2,dp=2", "dp=2,tp=4"; "" or None -> one device. Raises ValueError naming the problem."""
+    """"tp=2", "tp=2,dp=2", "ep=4", "tp=2,ep=2"; "" or None -> one device. Raises ValueError naming the problem."""
     if text is None or not text.strip():
         return MeshSpec()
     sizes: dict[str, int] = {}
@@ -64,20 +71,22 @@ def as_mesh_spec(mesh: MeshSpec | str | None) -> MeshSpec:
 
 
 def device_mesh(spec: MeshSpec, devices=None) -> Mesh:
-    """The deployment's mesh: axes (dp, tp), replica i on devices [i*tp, (i+1)*tp) (consecutive
-    devices are the closest ones on GPU hosts and TPU slices)."""
+    """The deployment's mesh: axes (dp, ep, tp), replica i on devices [i*n, (i+1)*n) with n = ep x tp
+    (consecutive devices are the closest ones on GPU hosts and TPU slices), tp innermost."""
     devices = list(jax.devices() if devices is None else devices)
     if len(devices) < spec.num_devices:
-        raise ValueError(f"--mesh {spec}: needs {spec.num_devices} devices (tp x dp), "
+        raise ValueError(f"--mesh {spec}: needs {spec.num_devices} devices (tp x ep x dp), "
                          f"but only {len(devices)} are available")
-    grid = np.asarray(devices[:spec.num_devices], dtype=object).reshape(spec.dp, spec.tp)
+    grid = np.asarray(devices[:spec.num_devices], dtype=object).reshape(spec.dp, spec.ep, spec.tp)
     return Mesh(grid, DEVICE_ORDER)
 
 
 def replica_meshes(spec: MeshSpec | Mesh, devices=None) -> list[Mesh]:
-    """The dp rows of the device mesh, each a mesh with the one axis "tp"."""
+    """The dp rows of the device mesh, each an engine's mesh: axes (ep, tp), or (tp,) when ep is 1."""
     mesh = spec if isinstance(spec, Mesh) else device_mesh(spec, devices)
-    return [Mesh(row, (TP,)) for row in mesh.devices]
+    if mesh.shape.get(EP, 1) > 1:
+        return [Mesh(row, (EP, TP)) for row in mesh.devices]
+    return [Mesh(row.reshape(-1), (TP,)) for row in mesh.devices]
 
 
 def check_engine_mesh(mesh: Mesh):
@@ -91,7 +100,7 @@ def check_engine_mesh(mesh: Mesh):
 
 
 def single_engine_mesh(mesh: Mesh | MeshSpec | str | None) -> Mesh | None:
-    """A Mesh, MeshSpec or "tp=N" text -> the mesh of one engine (None: one device, no mesh).
+    """A Mesh, MeshSpec or "tp=N[,ep=E]" text -> the mesh of one engine (None: one device, no mesh).
     dp > 1 means several engines (an EnginePool), so it is refused here."""
     if mesh is None or isinstance(mesh, Mesh):
         return mesh
@@ -99,4 +108,4 @@ def single_engine_mesh(mesh: Mesh | MeshSpec | str | None) -> Mesh | None:
     if spec.dp > 1:
         raise ValueError(f"mesh {spec}: one engine runs on one replica; dp > 1 (several replicas) "
                          "needs an engine pool (jaxserve serve --mesh, jaxserve.engine.load_engines)")
-    return None if spec.tp == 1 else replica_meshes(spec)[0]
+    return None if spec.engine_devices == 1 else replica_meshes(spec)[0]

@@ -14,13 +14,17 @@ from collections.abc import Callable
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxserve.config import ModelConfig
-from jaxserve.parallel.mesh import TP
+from jaxserve.parallel.mesh import EP, TP
 
 LOGICAL_AXIS_RULES: dict[str, str | None] = {
     "q_heads": TP,     # column-parallel wq (and its bias), row-parallel wo: one all-reduce
     "kv_heads": TP,    # wk, wv, the KV pages and their channel scales: attention runs per device
     "ffw": TP,         # column-parallel gate/up, row-parallel down: one all-reduce
     "vocab": TP,       # embedding rows and lm_head columns; logits are gathered for sampling
+    "experts": EP,     # MoE: each ep group holds its experts (jaxserve/ops/moe.py sums the groups)
+    "moe_ffw": TP,     # and splits each expert's FFN width over tp, as a dense FFN
+    "shared_ffw": TP,  # Qwen2-MoE's shared expert: a dense FFN of its own width
+    "router": None,    # router columns (one per expert): every device routes every token
     "embed": None,
     "layers": None,
     "head_dim": None,
@@ -36,6 +40,9 @@ LOGICAL_AXIS_COUNTS: dict[str, Callable[[ModelConfig], int]] = {
     "kv_heads": lambda cfg: cfg.num_kv_heads,
     "ffw": lambda cfg: cfg.intermediate_size,
     "vocab": lambda cfg: cfg.vocab_size,
+    "experts": lambda cfg: cfg.num_experts,
+    "moe_ffw": lambda cfg: cfg.moe_intermediate_size,
+    "shared_ffw": lambda cfg: cfg.shared_expert_intermediate_size,
 }
 
 
@@ -46,7 +53,8 @@ def mesh_axis(logical: str, cfg: ModelConfig, mesh: Mesh | None) -> str | None:
     axis = LOGICAL_AXIS_RULES[logical]
     if mesh is None or axis is None or mesh.shape.get(axis, 1) == 1:
         return None
-    return axis if LOGICAL_AXIS_COUNTS[logical](cfg) % mesh.shape[axis] == 0 else None
+    count = LOGICAL_AXIS_COUNTS[logical](cfg)
+    return axis if count and count % mesh.shape[axis] == 0 else None
 
 
 def num_shards(logical: str, cfg: ModelConfig, mesh: Mesh | None) -> int:
@@ -76,6 +84,8 @@ def describe_placement(cfg: ModelConfig, mesh: Mesh) -> str:
     split, kept = [], []
     for logical, count in LOGICAL_AXIS_COUNTS.items():
         n, axis = count(cfg), LOGICAL_AXIS_RULES[logical]
+        if n == 0:  # the model has no such axis (a dense model's experts)
+            continue
         if mesh_axis(logical, cfg, mesh) is not None:
             split.append(f"{logical} {n}/{mesh.shape[axis]}")
         else:

@@ -73,4 +73,5 @@ def model_info(name: str, info: EngineInfo) -> pb.ModelInfo:
         model=name, architecture=cfg.architecture, dtype=info.dtype, vocab_size=cfg.vocab_size,
         max_model_len=info.max_model_len, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-        eos_token_ids=list(info.eos_token_ids), has_chat_template=info.has_chat_template)
+        eos_token_ids=list(info.eos_token_ids), has_chat_template=info.has_chat_template,
+        num_experts=cfg.num_experts, num_experts_per_token=cfg.num_experts_per_token)
