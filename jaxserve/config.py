@@ -12,6 +12,14 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwe
 MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
+def check_router_options(moe_min_router_weight: float, moe_top_p: float) -> None:
+    """The dynamic expert skipping options' ranges (ModelConfig; EngineConfig checks them early)."""
+    if not 0.0 <= moe_min_router_weight < 1.0:
+        raise ValueError(f"moe_min_router_weight must be in [0, 1), got {moe_min_router_weight}")
+    if not 0.0 < moe_top_p <= 1.0:
+        raise ValueError(f"moe_top_p must be in (0, 1], got {moe_top_p}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """RoPE frequency scaling: "linear" (position interpolation) or "llama3" (wavelength bands)."""
@@ -89,10 +97,7 @@ class ModelConfig:
                                   f"num_experts={self.num_experts}")
         if self.moe_intermediate_size < 1:
             raise CheckpointError(f"moe_intermediate_size={self.moe_intermediate_size} must be positive")
-        if not 0.0 <= self.moe_min_router_weight < 1.0:
-            raise ValueError(f"moe_min_router_weight must be in [0, 1), got {self.moe_min_router_weight}")
-        if not 0.0 < self.moe_top_p <= 1.0:
-            raise ValueError(f"moe_top_p must be in (0, 1], got {self.moe_top_p}")
+        check_router_options(self.moe_min_router_weight, self.moe_top_p)
         outside = [i for i in self.dense_layers if not 0 <= i < self.num_layers]
         if outside:
             raise CheckpointError(f"dense layer {outside[0]} is outside the model's {self.num_layers} layers")

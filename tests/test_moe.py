@@ -82,9 +82,9 @@ def test_decoder_sparse_step_and_mlp_only_layers_pick_dense_layers():
 def test_logits_match_transformers_through_the_paged_forward(variant):
     """Every logit; the engine test below covers more prompt lengths (each length here compiles)."""
     _, hf, _, _, loaded, _ = variant
-    for ids in prompts_for(loaded.config.vocab_size, (7, 33)):
-        ref = hf_logits(hf, ids)
-        assert np.abs(our_logits(loaded, ids) - ref).max() < LOGIT_TOLERANCE
+    ids = prompts_for(loaded.config.vocab_size, (33,))[0]
+    ref = hf_logits(hf, ids)
+    assert np.abs(our_logits(loaded, ids) - ref).max() < LOGIT_TOLERANCE
     # a prefill, then one token at a time through the KV pages
     assert np.abs(our_logits(loaded, ids, split=16) - ref).max() < LOGIT_TOLERANCE
 
@@ -160,7 +160,7 @@ def _moe_config(experts: int, k: int, **router) -> ModelConfig:
 def _per_token_reference(p, x, cfg):
     """Each token through its chosen experts one at a time, in numpy float64."""
     weights, experts = (np.asarray(a) for a in route(x, p["router"], cfg))
-    x, w = np.asarray(x, np.float64), {k: np.asarray(v, np.float64) for k, v in p.items()}
+    x, w = np.asarray(x, np.float64), {k: np.asarray(v.astype(jnp.float32), np.float64) for k, v in p.items()}
     out = np.zeros_like(x)
     for t in range(x.shape[0]):
         for wt, e in zip(weights[t], experts[t]):
@@ -170,14 +170,23 @@ def _per_token_reference(p, x, cfg):
     return out
 
 
+# bfloat16: the hidden activation is rounded to bfloat16 (8 significant bits) before the down
+# projection, which the float64 reference does not do; outputs are O(1)
+BF16_TOLERANCE = 5e-2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("impl", ["rounds", "ragged_dot", "tpu-interpret", "gpu-interpret"])
-def test_grouped_implementations_match_a_per_token_reference(impl):
-    """Uneven groups (a skewed router), experts left empty, more rows than a chunk."""
+def test_grouped_implementations_match_a_per_token_reference(impl, dtype):
+    """Uneven groups (a skewed router), experts left empty, more rows than a round."""
     cfg = _moe_config(8, 3)
     p, x = _random_layer(0, 150, 8)
     p["router"] = p["router"].at[:, :2].add(3.0)   # most tokens go to experts 0 and 1
+    p = {k: v if k == "router" else v.astype(dtype) for k, v in p.items()}
     got = np.asarray(jax.jit(lambda p, x: routed_experts(p, x, cfg, impl))(p, x))
-    np.testing.assert_allclose(got, _per_token_reference(p, x, cfg), rtol=1e-4, atol=1e-4)
+    want = _per_token_reference(p, x.astype(dtype).astype(jnp.float32), cfg)
+    tol = 1e-4 if dtype == "float32" else BF16_TOLERANCE
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
 def test_a_tokens_result_does_not_depend_on_the_rest_of_the_batch():
@@ -220,11 +229,12 @@ def test_skipping_that_skips_nothing_is_bit_identical_to_the_plain_router():
     np.testing.assert_array_equal(plain, never)
 
 
-def test_engine_router_options_off_change_nothing(variant):
+def test_engine_skipping_that_skips_nothing_gives_the_same_tokens(variant):
+    """The skipping router compiled in, with a threshold no expert falls below."""
     _, _, _, _, loaded, engine = variant
     prompts = prompts_for(loaded.config.vocab_size, (12, 30), seed=6)
     off = run(engine, prompts, GREEDY)
-    assert run(Engine(loaded, dataclasses.replace(ENGINE, moe_top_p=1.0)), prompts, GREEDY) == off
+    assert run(Engine(loaded, dataclasses.replace(ENGINE, moe_min_router_weight=1e-9)), prompts, GREEDY) == off
 
 
 def test_engine_with_expert_skipping_runs_the_skipping_router(mixtral_dir):
@@ -283,3 +293,48 @@ def test_more_experts_per_token_than_experts_names_the_field(mixtral_dir, tmp_pa
     (bad / "model.safetensors").symlink_to(mixtral_dir / "model.safetensors")
     with pytest.raises(CheckpointError, match="num_experts_per_tok=5 must be between 1 and num_experts=4"):
         load_model(bad, dtype="float32", progress=False)
+
+
+# ---- the rest of the stack, unchanged -------------------------------------------------------------
+
+def test_prefix_cache_and_int8_pages_serve_moe_models(variant):
+    name, _, _, _, loaded, engine = variant
+    shared = prompts_for(loaded.config.vocab_size, (48,), seed=7)[0]
+    prompts = [shared + [1, 2], shared + [3]]
+    first = run(engine, prompts[:1], GREEDY)
+    hits = engine.stats().prefix_cache_hits
+    assert run(engine, prompts, GREEDY)[0] == first[0] and engine.stats().prefix_cache_hits > hits
+    if name == "qwen2_moe":   # one format is enough: pages are the same whatever the FFN
+        int8 = Engine(loaded, dataclasses.replace(ENGINE, kv_cache_dtype="int8"))
+        assert int8.info().kv_cache_dtype == "int8"
+        assert [len(t) for t in run(int8, prompts, GREEDY)] == [32, 32]
+
+
+@pytest.fixture(scope="module")
+def moe_with_tokenizer(tmp_path_factory, smollm2_gguf):
+    """A tiny Qwen2-MoE with SmolLM2's vocabulary and tokenizer, for the CLI."""
+    from jaxserve.checkpoint.gguf_io import open_gguf
+    from jaxserve.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(open_gguf(smollm2_gguf))
+    model = make_hf_model("qwen2_moe", vocab_size=49152, hidden_size=32, max_position_embeddings=128)
+    return save_safetensors(model, tmp_path_factory.mktemp("moe_tok"), tokenizer=tok)
+
+
+def test_cli_converts_generates_and_scores_with_an_moe_model(moe_with_tokenizer, tmp_path):
+    from test_cli import run as jaxserve
+
+    small = ["--max-num-batched-tokens", "32", "--kv-cache-memory", "16M"]
+    res = jaxserve("convert", str(moe_with_tokenizer), str(tmp_path / "orbax"))
+    assert res.returncode == 0, res.stderr
+    res = jaxserve("generate", "--model", str(tmp_path / "orbax"), "--prompt", "The sky is", "--max-tokens", "6",
+                   "--temperature", "0", "--ignore-eos", "--json", "--kv-cache-dtype", "int8", "--moe-top-p", "0.7",
+                   *small)
+    assert res.returncode == 0, res.stderr
+    assert len(json.loads(res.stdout)["token_ids"]) == 6
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    res = jaxserve("perplexity", "--model", str(moe_with_tokenizer), "--file", str(tmp_path / "text.txt"),
+                   "--ctx", "32", "--json", *small)
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    assert result["tokens"] > 64 and 1.0 < result["perplexity"] < 1e6

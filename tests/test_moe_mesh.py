@@ -57,6 +57,7 @@ def engine_mesh(text: str):
 
 
 @pytest.mark.parametrize("name, mesh, placement", [
+    ("mixtral", "tp=2", "kv_heads 2/2, moe_ffw 96/2"),   # experts whole, each split over tp
     ("mixtral", "ep=2", "experts 4/2"),
     ("mixtral", "ep=4", "experts 4/4"),
     ("mixtral", "tp=2,ep=2", "experts 4/2, moe_ffw 96/2"),
@@ -69,7 +70,7 @@ def test_expert_parallel_engines_give_the_single_device_tokens(paths, reference,
     with caplog.at_level(logging.INFO, logger="jaxserve.parallel.placement"):
         engine = Engine(loaded, CONFIG, mesh)
     assert placement in caplog.text
-    ep_split = "/" in placement.split(",")[0]
+    ep_split = "experts 4/" in placement
     assert loaded.params["layers"]["we_gate"][...].sharding.spec[1] == ("ep" if ep_split else None)
     tokens, logprobs = generate(engine)
     ref_tokens, ref_logprobs = reference(name)
@@ -102,9 +103,15 @@ def test_server_on_an_ep_mesh_reports_the_experts(paths):
         with Client(server.address, timeout=60) as client:
             info = client.model_info()
             assert (info.architecture, info.num_experts, info.num_experts_per_token) == ("qwen2_moe", 4, 2)
-            assert client.server_info().mesh == "tp=1,dp=2,ep=2"
+            assert client.server_info().mesh == "tp=1,ep=2,dp=2"
             result = client.generate([5, 6, 7, 8], max_tokens=8, temperature=0, ignore_eos=True)
             assert len(result.token_ids) == 8
     finally:
         server.stop()
     assert "experts 4/2" in server.output()
+
+
+def test_an_ep_mesh_refuses_a_dense_model(tmp_path):
+    dense = load_model(save_safetensors(make_hf_model("llama"), tmp_path / "llama"), dtype="float32", progress=False)
+    with pytest.raises(ValueError, match="ep=2 splits a mixture-of-experts model's experts; this llama model has none"):
+        Engine(dense, CONFIG, engine_mesh("ep=2"))

@@ -90,19 +90,31 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
 
 
 def _moe_from_gguf(meta: dict, arch: str, tensors: dict, num_layers: int, get) -> dict:
-    """The MoE fields from {arch}.expert_* metadata ({} for a dense model). A layer without a
-    router tensor (blk.N.ffn_gate_inp) has a dense FFN of feed_forward_length."""
+    """The MoE fields from {arch}.expert_* metadata ({} for a dense model). A layer with a dense
+    FFN (blk.N.ffn_gate, feed_forward_length wide) and no router (blk.N.ffn_gate_inp) is dense.
+    Widths the metadata leaves out are read off the tensors, as llama.cpp files vary."""
     experts = int(meta.get(f"{arch}.expert_count") or 0)
     if not experts:
         return {}
     if arch not in _NORM_TOPK_DEFAULT:
         raise UnsupportedModelError(f"mixture-of-experts GGUF models of architecture {arch!r} are not supported")
-    width = meta.get(f"{arch}.expert_feed_forward_length") or get("feed_forward_length")
+    if "blk.0.ffn_gate.0.weight" in tensors:
+        raise UnsupportedModelError("this GGUF stores one tensor per expert (blk.N.ffn_gate.J.weight, an old "
+                                    "llama.cpp layout); convert it again with a current llama.cpp")
+    dense = tuple(i for i in range(num_layers)
+                  if f"blk.{i}.ffn_gate_inp.weight" not in tensors and f"blk.{i}.ffn_gate.weight" in tensors)
+    first_moe = next((i for i in range(num_layers) if i not in dense), 0)
+
+    def width(key: str, tensor: str) -> int:   # GGUF lists dims innermost first: [in, out(, experts)]
+        value = meta.get(f"{arch}.{key}")
+        t = tensors.get(f"blk.{first_moe}.{tensor}.weight")
+        return int(value) if value else int(t.shape[1]) if t is not None else 0
+
     return dict(num_experts=experts, num_experts_per_token=int(get("expert_used_count")),
-                moe_intermediate_size=int(width),
-                shared_expert_intermediate_size=int(meta.get(f"{arch}.expert_shared_feed_forward_length") or 0),
+                moe_intermediate_size=width("expert_feed_forward_length", "ffn_gate_exps"),
+                shared_expert_intermediate_size=width("expert_shared_feed_forward_length", "ffn_gate_shexp"),
                 norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", _NORM_TOPK_DEFAULT[arch])),
-                dense_layers=tuple(i for i in range(num_layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensors))
+                dense_layers=dense)
 
 
 def gguf_architecture(reader: gguf.GGUFReader) -> str:

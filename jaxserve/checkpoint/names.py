@@ -138,8 +138,8 @@ class ParamAssembler:
         if target is None:
             self.problems.append(f"{where} is not a parameter of this model")
             return
-        if array.shape != target.shape and array.squeeze().shape == target.squeeze().shape:
-            array = array.reshape(target.shape)  # a gate vector stored [D] or [1, D]
+        if name == "ws_router" and array.size == target.size:
+            array = array.reshape(target.shape)  # the shared expert's gate, stored [D] (GGUF) or [1, D]
         if array.shape != target.shape:
             self.problems.append(f"{where} has shape {array.shape}, expected {target.shape}")
             return

@@ -12,7 +12,8 @@ def add(sub, formatter):
     p.add_argument("--port", type=int, default=50051, help="gRPC port")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics on this port (off if unset)")
     p.add_argument("--mesh", default=None, help="devices to use: tp=N[,ep=E][,dp=M] (tensor parallel x expert "
-                                                "parallel x replicas; default: one device)")
+                                                "parallel x replicas; ep splits MoE experts only, not "
+                                                "attention or KV pages; default: one device)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="running requests per replica")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--max-queued-requests", type=int, default=1024,

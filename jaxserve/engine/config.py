@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxserve.config import check_router_options
 from jaxserve.ops.backends import ATTENTION_BACKENDS
 from pallas_kernels.kv_formats import KV_CACHE_DTYPES
 
@@ -39,10 +40,7 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}; "
                              f"got {self.attention_backend!r}")
-        if not 0.0 <= self.moe_min_router_weight < 1.0:
-            raise ValueError(f"moe_min_router_weight must be in [0, 1), got {self.moe_min_router_weight}")
-        if not 0.0 < self.moe_top_p <= 1.0:
-            raise ValueError(f"moe_top_p must be in (0, 1], got {self.moe_top_p}")
+        check_router_options(self.moe_min_router_weight, self.moe_top_p)
 
     @property
     def kv_memory(self) -> int:

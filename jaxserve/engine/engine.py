@@ -52,7 +52,7 @@ class Engine:
     def __init__(self, model: LoadedModel, config: EngineConfig = EngineConfig(), mesh: Mesh | None = None):
         model = model.with_router_options(**config.router_options)
         if mesh is not None:
-            check_engine_mesh(mesh)
+            check_engine_mesh(mesh, model.config)
             log_placement(model.config, mesh)
             model = shard_params(model, mesh)
         self.model, self.config, self.tokenizer, self.mesh = model, config, model.tokenizer, mesh

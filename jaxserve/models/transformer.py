@@ -96,6 +96,11 @@ def ffn_param_specs(cfg: ModelConfig, group: LayerGroup) -> dict[str, ParamSpec]
     return specs
 
 
+def moe_layer_axes(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """The logical axes of one MoE layer's parameters (inside the layer scan: no "layers" axis)."""
+    return {name: spec.logical_axes[1:] for name, spec in ffn_param_specs(cfg, LayerGroup("", "moe", 0, 1)).items()}
+
+
 def swiglu_specs(n: int, d: int, f: int, ffw_axis: str, prefix: str) -> dict[str, ParamSpec]:
     return {
         f"{prefix}_gate": ParamSpec((n, d, f), ("layers", "embed", ffw_axis)),
@@ -133,7 +138,7 @@ def ffn(p: dict, x, kind: str, ctx: "StepContext"):
     """The FFN block of one layer of the group's kind (ffn_param_specs lists its parameters)."""
     if kind == "dense":
         return L.swiglu(x, p["w_gate"], p["w_up"], p["w_down"])
-    out = routed_experts(p, x, ctx.cfg, grouped_impl(ctx.backend.name), ctx.lmesh)
+    out = routed_experts(p, x, ctx.cfg, grouped_impl(ctx.backend.name), ctx.lmesh, moe_layer_axes(ctx.cfg))
     if ctx.cfg.shared_expert_intermediate_size:   # Qwen2-MoE: a dense expert every token runs, sigmoid-gated
         gate = jax.nn.sigmoid(L.dense(x, p["ws_router"]))   # [T, 1]
         out = out + gate * L.swiglu(x, p["ws_gate"], p["ws_up"], p["ws_down"])

@@ -5,13 +5,13 @@
     dispatch  the (token, expert) assignments sorted by expert, each expert's rows one group of a
               grouped SwiGLU (gate, up, down), results weighted and summed back per token
 
-No capacity factor and no dropped tokens: a row's output depends on that row and its expert only,
-so a token's result never depends on what else is in the batch.
+No capacity factor and no dropped tokens: a token's result never depends on what else is in the
+batch (up to float32 rounding: the matmuls' row counts follow the batch).
 
 The grouped SwiGLU runs where the attention backend says the step runs (decided once, in
 jaxserve/ops/backends.py): on CPU (xla, native) in rounds of one batched matmul over all experts,
-each taking its next rows (the fastest CPU path: benchmarks/moe.py, RESULTS.md); on TPU and GPU the Pallas
-grouped matmul of pallas_kernels/moe; XLA attention on an accelerator uses `jax.lax.ragged_dot`.
+each taking its next rows (the fastest CPU path: benchmarks/moe.py, RESULTS.md; plain XLA, so it
+runs anywhere); on TPU and GPU the Pallas grouped matmul of pallas_kernels/moe.
 
 Expert parallelism: inside `shard_map` every device routes all tokens (activations are replicated
 across an engine's devices), keeps the assignments to its own experts, runs them over its slice
@@ -34,16 +34,13 @@ from jaxserve.config import ModelConfig
 # hidden 1024 x FFN 2816 x 8 experts: a round of tm rows took ~7 ms + 0.43 ms x tm).
 ROUND_ROWS = (8, 16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 256, 320)
 WEIGHT_READ_ROWS = 16
-EXPERT_AXES = ("experts", "embed", "moe_ffw")    # we_gate, we_up; we_down is ("experts", "moe_ffw", "embed")
-GROUPED_IMPLS = ("rounds", "ragged_dot", "tpu", "gpu", "tpu-interpret", "gpu-interpret")
 
 
-def grouped_impl(backend_name: str, platform: str | None = None) -> str:
-    """The grouped-matmul implementation that goes with an attention backend (ops/backends.py)."""
-    if backend_name in ("xla", "native"):
-        platform = platform or jax.default_backend()
-        return "rounds" if platform == "cpu" else "ragged_dot"
-    return backend_name
+def grouped_impl(backend_name: str) -> str:
+    """The grouped matmul that runs with an attention backend (ops/backends.py): its Pallas kernels
+    with the Pallas attention kernels, the XLA rounds with the XLA / native attention paths.
+    ("ragged_dot", jax.lax.ragged_dot, is the reference tests and benchmarks compare with.)"""
+    return "rounds" if backend_name in ("xla", "native") else backend_name
 
 
 def route(x, router_w, cfg: ModelConfig):
@@ -73,10 +70,11 @@ def skip_experts(weights, experts, cfg: ModelConfig):
 
 
 def dispatch(x, weights, experts, wg, wu, wd, impl: str):
-    """Routed experts of one device. x [T, D]; weights, experts [T, k] (ids outside [0, E) are not
-    run); wg, wu [E, D, F]; wd [E, F, D] -> float32 [T, D]."""
+    """Routed experts of one device. x [T, D]; weights, experts [T, k] (ids >= E are not run);
+    wg, wu [E, D, F]; wd [E, F, D] -> float32 [T, D]."""
     rows, sizes, order = sort_by_expert(x, experts, wg.shape[0])
-    return combine(grouped_swiglu(rows, sizes, wg, wu, wd, impl), order, weights, experts, wg.shape[0])
+    y = grouped_swiglu(rows, sizes, wg, wu, wd, impl, max_group=x.shape[0])   # a token picks an expert once
+    return combine(y, order, weights, experts, wg.shape[0])
 
 
 def sort_by_expert(x, experts, num_experts: int):
@@ -98,14 +96,16 @@ def combine(y, order, weights, experts, num_experts: int):
     return jnp.sum(y.reshape(t, k, -1), axis=1)
 
 
-def grouped_swiglu(rows, sizes, wg, wu, wd, impl: str):
+def grouped_swiglu(rows, sizes, wg, wu, wd, impl: str, max_group: int | None = None):
     """silu(rows @ wg[e]) * (rows @ wu[e]) @ wd[e] for each expert e's rows (sorted, `sizes` [E]
-    of them each, from row 0); rows past sum(sizes) come out zero."""
+    of them each, from row 0; at most max_group each) -> float32; rows past sum(sizes) are zero.
+    Each matmul rounds its input to the weights' dtype and sums in float32 (as layers.dense)."""
     if impl == "rounds":
-        return _grouped_swiglu_rounds(rows, sizes, wg, wu, wd)
+        return _grouped_swiglu_rounds(rows, sizes, wg, wu, wd, max_group or rows.shape[0])
     gmm = _gmm(impl)
-    h = jax.nn.silu(gmm(rows, wg, sizes)) * gmm(rows, wu, sizes)
-    return gmm(h, wd, sizes)
+    x = rows.astype(wg.dtype)
+    h = jax.nn.silu(gmm(x, wg, sizes)) * gmm(x, wu, sizes)
+    return gmm(h.astype(wd.dtype), wd, sizes)
 
 
 def _gmm(impl: str):
@@ -122,7 +122,7 @@ def _gmm(impl: str):
     return functools.partial(gmm_gpu, interpret=impl == "gpu-interpret")
 
 
-def _grouped_swiglu_rounds(rows, sizes, wg, wu, wd):
+def _grouped_swiglu_rounds(rows, sizes, wg, wu, wd, max_group: int):
     """The CPU path, in rounds: round j runs rows [j*tm, (j+1)*tm) of every expert's group as one
     batched matmul over the experts ([E, tm, D] x [E, D, F]), so each expert's weights are read
     in place (a per-expert slice of the stacked weights costs XLA:CPU a copy of them, and small
@@ -132,7 +132,7 @@ def _grouped_swiglu_rounds(rows, sizes, wg, wu, wd):
     r, d = rows.shape
     starts = jnp.cumsum(sizes) - sizes
     largest = jnp.max(sizes)
-    choices = [tm for tm in ROUND_ROWS if tm < 2 * max(r, ROUND_ROWS[0])]   # none much larger than R
+    choices = [tm for tm in ROUND_ROWS if tm < 2 * max(max_group, ROUND_ROWS[0])]   # none much past a group
     cost = jnp.stack([(largest + tm - 1) // tm * (WEIGHT_READ_ROWS + tm) for tm in choices])
     padded = jnp.concatenate([rows, jnp.zeros((1, d), rows.dtype)])          # row r: zeros, for empty slots
     branches = [functools.partial(_rounds, tm=tm) for tm in choices]
@@ -162,10 +162,11 @@ def _batched(x, w):
     return lax.dot_general(x.astype(w.dtype), w, dims, preferred_element_type=jnp.float32)
 
 
-def routed_experts(p: dict, x, cfg: ModelConfig, impl: str, lmesh=None):
+def routed_experts(p: dict, x, cfg: ModelConfig, impl: str, lmesh=None, axes: dict | None = None):
     """The routed experts of one MoE layer (the model adds a shared expert: models/transformer.py).
     p: the layer's router [D, E], we_gate, we_up [E, D, F], we_down [E, F, D]; x [T, D] -> float32
-    [T, D]. impl: grouped_impl(...); lmesh: the engine's LogicalMesh (None: one device)."""
+    [T, D]. impl: grouped_impl(...); lmesh: the engine's LogicalMesh (None: one device), with `axes`
+    the logical axes of the three expert weights (their ParamSpecs' without "layers")."""
     weights, experts = route(x, p["router"], cfg)
     args = (x, weights, experts, p["we_gate"], p["we_up"], p["we_down"])
     if lmesh is None or not lmesh.splits:
@@ -182,6 +183,5 @@ def routed_experts(p: dict, x, cfg: ModelConfig, impl: str, lmesh=None):
             experts = jnp.where((experts >= 0) & (experts < local), experts, local)
         return lax.psum(dispatch(x, weights, experts, wg, wu, wd, impl), summed)
 
-    down_axes = ("experts", "moe_ffw", "embed")
-    return lmesh.shard_map(per_device, in_axes=((), (), (), EXPERT_AXES, EXPERT_AXES, down_axes),
-                           out_axes=())(*args)
+    weight_axes = tuple(axes[name] for name in ("we_gate", "we_up", "we_down"))
+    return lmesh.shard_map(per_device, in_axes=((), (), ()) + weight_axes, out_axes=())(*args)

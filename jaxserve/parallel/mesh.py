@@ -1,7 +1,8 @@
 """Device meshes from `--mesh tp=N[,ep=E][,dp=M]`, parsed once into a MeshSpec.
 
 tp: tensor parallelism inside one engine (weights, KV heads and FFN split over tp devices).
-ep: expert parallelism inside one engine (an MoE model's experts split over ep groups of tp devices).
+ep: expert parallelism inside one engine (an MoE model's experts split over ep groups of tp devices;
+    attention and the KV pages are not split over ep, only over tp, so ep adds no KV capacity).
 dp: independent engine replicas (as vLLM's data-parallel serving), each over its own ep x tp devices.
 A deployment is one device mesh with named axes (dp, ep, tp); each replica's engine runs on its
 row, a sub-mesh with axes (ep, tp) — just (tp,) when ep is 1. Where arrays go on either is decided
@@ -36,7 +37,7 @@ class MeshSpec:
         return self.tp * self.ep
 
     def __str__(self) -> str:
-        return f"tp={self.tp},dp={self.dp}" + (f",ep={self.ep}" if self.ep > 1 else "")
+        return f"tp={self.tp}" + (f",ep={self.ep}" if self.ep > 1 else "") + f",dp={self.dp}"
 
 
 def _parse_size(axis: str, value: str) -> int:
@@ -89,14 +90,18 @@ def replica_meshes(spec: MeshSpec | Mesh, devices=None) -> list[Mesh]:
     return [Mesh(row.reshape(-1), (TP,)) for row in mesh.devices]
 
 
-def check_engine_mesh(mesh: Mesh):
-    """An engine runs on a mesh of named axes (see MESH_AXES); replicas (dp) are separate engines."""
+def check_engine_mesh(mesh: Mesh, cfg=None):
+    """An engine runs on a mesh of named axes (see MESH_AXES); replicas (dp) are separate engines;
+    ep splits experts only, so a model without experts (cfg.num_experts 0) is refused on it."""
     unknown = [a for a in mesh.axis_names if a not in MESH_AXES]
     if unknown:
         raise ValueError(f"an engine mesh has axes among {MESH_AXES}, got {tuple(mesh.axis_names)}")
     if mesh.shape.get(DP, 1) > 1:
         raise ValueError(f"an engine runs on one replica; got dp={mesh.shape[DP]} "
                          "(see jaxserve.parallel.replica_meshes)")
+    if cfg is not None and not cfg.num_experts and mesh.shape.get(EP, 1) > 1:
+        raise ValueError(f"--mesh ep={mesh.shape[EP]} splits a mixture-of-experts model's experts; this "
+                         f"{cfg.architecture} model has none (use tp for one engine, dp for replicas)")
 
 
 def single_engine_mesh(mesh: Mesh | MeshSpec | str | None) -> Mesh | None:

@@ -38,7 +38,7 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
 LOGICAL_AXIS_COUNTS: dict[str, Callable[[ModelConfig], int]] = {
     "q_heads": lambda cfg: cfg.num_heads,
     "kv_heads": lambda cfg: cfg.num_kv_heads,
-    "ffw": lambda cfg: cfg.intermediate_size,
+    "ffw": lambda cfg: cfg.intermediate_size if any(g.kind == "dense" for g in cfg.layer_groups) else 0,
     "vocab": lambda cfg: cfg.vocab_size,
     "experts": lambda cfg: cfg.num_experts,
     "moe_ffw": lambda cfg: cfg.moe_intermediate_size,
@@ -91,6 +91,7 @@ def describe_placement(cfg: ModelConfig, mesh: Mesh) -> str:
         else:
             size = mesh.shape.get(axis, 1) if axis else 1
             kept.append(logical if size == 1 else f"{logical} ({n} not divisible by {axis}={size})")
-    kept += [logical for logical, axis in LOGICAL_AXIS_RULES.items() if axis is None]
+    kept += [logical for logical, axis in LOGICAL_AXIS_RULES.items()
+             if axis is None and (logical != "router" or cfg.num_experts)]
     return (f"mesh {dict(mesh.shape)} on devices [{devices}]: split {', '.join(split) or 'nothing'}; "
             f"replicated {', '.join(kept)}")

@@ -85,12 +85,13 @@ def _specs(tm: int, tk: int, tn: int, nk: int):
 def gmm_tpu(lhs, rhs, group_sizes, *, tiling=(128, 128, 128), preferred_element_type=jnp.float32,
             interpret=None):
     """lhs [M, K], rhs [G, K, N], group_sizes [G] int32 -> [M, N] in preferred_element_type.
-    tiling = (tm, tk, tn), clipped to the shape (tm to M rounded up to 8); on a TPU keep tm a
+    tiling = (tm, tk, tn), clipped to the shape (tm to M rounded up to 8, 16 for 16-bit lhs); on a TPU keep tm a
     multiple of 8 (16 for bfloat16) and tk, tn multiples of 128 or the whole K / N."""
     group_sizes = jnp.asarray(group_sizes, jnp.int32)
     check_operands(lhs, rhs, group_sizes)
     (m, k), n = lhs.shape, rhs.shape[2]
-    tm, tk, tn = min(tiling[0], _round_up(m, 8)), min(tiling[1], k), min(tiling[2], n)
+    sublanes = 8 * 4 // lhs.dtype.itemsize if lhs.dtype.itemsize < 4 else 8   # bfloat16 packs 16 rows a tile
+    tm, tk, tn = min(tiling[0], _round_up(m, sublanes)), min(tiling[1], k), min(tiling[2], n)
     m_pad, k_pad, n_pad = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
     lhs, rhs = pad_operands(lhs, rhs, m_pad, k_pad, n_pad)
     meta = make_group_metadata(group_sizes, m_pad, tm)
