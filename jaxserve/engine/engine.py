@@ -28,6 +28,7 @@ from jaxserve.engine.config import EngineConfig
 from jaxserve.engine.outputs import EngineInfo, EngineStats, RequestDelta
 from jaxserve.errors import InvalidRequestError
 from jaxserve.ops.backends import select_attention_backend
+from jaxserve.ops.moe import grouped_impl
 from jaxserve.parallel import check_engine_mesh, log_placement, num_shards, shard_params
 from jaxserve.runner.runner import ModelRunner
 from jaxserve.sampling_params import SamplingParams
@@ -66,6 +67,10 @@ class Engine:
         log.info("KV cache: %s, page size %d, %d pages (%.1f MiB per device), at most %d cached tokens; attention: %s",
                  self.kv_format.name, config.page_size, num_pages, num_pages * page_bytes / 2**20,
                  self.max_cached_tokens, self.backend.name)
+        if model.config.num_experts:
+            cfg = model.config
+            log.info("MoE: %d experts, top-%d, grouped matmul %s%s", cfg.num_experts, cfg.num_experts_per_token,
+                     grouped_impl(self.backend.name), "; expert skipping on" if cfg.skips_experts else "")
         self.runner = ModelRunner(model, num_pages, config.page_size, config.max_num_seqs,
                                   config.max_num_batched_tokens, self.max_model_len, self.kv_format,
                                   self.backend, mesh)
