@@ -46,7 +46,8 @@ def grouped_impl(backend_name: str) -> str:
 def route(x, router_w, cfg: ModelConfig):
     """x [T, D] -> (weights [T, k] float32, experts [T, k] int32). Skipped choices get expert id
     num_experts and weight 0."""
-    logits = jnp.matmul(x.astype(jnp.float32), router_w.astype(jnp.float32))   # [T, E]
+    logits = jnp.matmul(x.astype(jnp.float32), router_w.astype(jnp.float32),   # [T, E]; full float32
+                        precision=lax.Precision.HIGHEST)                       # on TPU/GPU too
     probs = jax.nn.softmax(logits, axis=-1)
     weights, experts = lax.top_k(probs, cfg.num_experts_per_token)             # descending
     if cfg.norm_topk_prob:
