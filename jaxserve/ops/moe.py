@@ -31,8 +31,9 @@ from jaxserve.config import ModelConfig
 
 # CPU rounds (_grouped_swiglu_rounds): rows per expert per round to choose from, and what reading
 # every expert's weights once costs, in rows of compute per expert (measured on a Zen 5 host,
-# hidden 1024 x FFN 2816 x 8 experts: a round of tm rows took ~7 ms + 0.43 ms x tm).
-ROUND_ROWS = (8, 16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 256, 320)
+# hidden 1024 x FFN 2816 x 8 experts: a round of tm rows took ~7 ms + 0.43 ms x tm). Sizes past 128
+# step by 16-32 so a round fits the largest group with little padding.
+ROUND_ROWS = (8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256, 320)
 WEIGHT_READ_ROWS = 16
 
 
