@@ -74,11 +74,10 @@ def _layer_names(cfg: ModelConfig, name: str, fmt: str, layer: int):
         yield getattr(LAYER_TENSORS[name], fmt).format(i=layer), None
         return
     hf, gguf = MOE_TENSORS[name]
+    template = gguf if fmt == "gguf" else hf["mixtral" if cfg.architecture == "mixtral" else "qwen"]
     if fmt == "gguf" or name not in PER_EXPERT:
-        template = gguf if fmt == "gguf" else hf["mixtral" if cfg.architecture == "mixtral" else "qwen"]
         yield template.format(i=layer), None
         return
-    template = hf["mixtral" if cfg.architecture == "mixtral" else "qwen"]
     for j in range(cfg.num_experts):
         yield template.format(i=layer, j=j), j
 
