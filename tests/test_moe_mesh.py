@@ -24,8 +24,12 @@ GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe")
-    return {name: save_safetensors(make_hf_model(name, seed=11), root / name)
-            for name in ("mixtral", "qwen2_moe", "qwen3_moe")}
+    paths = {name: save_safetensors(make_hf_model(name, seed=11), root / name)
+             for name in ("mixtral", "qwen2_moe", "qwen3_moe")}
+    # experts that split over ep while their FFN width (50) does not split over tp=4
+    paths["mixtral-ffw50"] = save_safetensors(make_hf_model("mixtral", seed=12, intermediate_size=50),
+                                              root / "mixtral-ffw50")
+    return paths
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +67,8 @@ def engine_mesh(text: str):
     ("mixtral", "tp=2,ep=2", "experts 4/2, moe_ffw 96/2"),
     ("qwen2_moe", "tp=2,ep=2", "experts 4/2, moe_ffw 48/2, shared_ffw 80/2"),
     ("qwen3_moe", "ep=4", "experts (6 not divisible by ep=4)"),   # replicated, not refused
+    ("mixtral-ffw50", "tp=4,ep=2", "experts 4/2; replicated kv_heads (2 not divisible by tp=4), "
+                                   "vocab (301 not divisible by tp=4), moe_ffw (50 not divisible by tp=4)"),
 ])
 def test_expert_parallel_engines_give_the_single_device_tokens(paths, reference, caplog, name, mesh, placement):
     mesh = engine_mesh(mesh)
