@@ -26,7 +26,6 @@ itself, in the same run and dtype.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import platform
@@ -188,10 +187,8 @@ def bench_skipping(tokens: int, rounds: int, router_scale: float) -> list[dict]:
 
 
 def skipping_divergence(num_prompts: int = 8, prompt_len: int = 64) -> list[dict]:
-    """max |delta log-prob| of a random-weight MoE model's next-token distributions with skipping on."""
-    import jax
-    import jax.numpy as jnp
-
+    """How far skipping moves a random-weight MoE model: |delta log-prob| of every prompt token."""
+    from jaxserve import SamplingParams
     from jaxserve.llm import LLM
 
     model = random_moe_model("float32", num_layers=4)
@@ -199,8 +196,6 @@ def skipping_divergence(num_prompts: int = 8, prompt_len: int = 64) -> list[dict
 
     def prompt_logprobs(**router):
         llm = LLM(model, progress=False, max_num_seqs=num_prompts, num_pages=128, max_model_len=256, **router)
-        from jaxserve import SamplingParams
-
         outs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True))
         return np.array([o.prompt_logprobs[1:] for o in outs], np.float64)
 
@@ -211,7 +206,6 @@ def skipping_divergence(num_prompts: int = 8, prompt_len: int = 64) -> list[dict
         rows.append({"setting": s, "max_abs_delta_prompt_logprob": float(delta.max()),
                      "mean_abs_delta_prompt_logprob": float(delta.mean())})
         print(f"{json.dumps(s):<34} max |d logprob| {delta.max():.3f}, mean {delta.mean():.4f}", flush=True)
-    del jax, jnp
     return rows
 
 
