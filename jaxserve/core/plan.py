@@ -42,6 +42,16 @@ class ScheduledChunk:
 
 
 @dataclasses.dataclass(frozen=True)
+class PageImport:
+    """KV pages that arrived from a prefill engine, written into the pool before this step's forward.
+    Transferred page i (of the request's first pages_needed(prompt) pages) goes to page_ids[i -
+    first_page]; pages before first_page were prefix-cache hits on this side and are not written."""
+    request_id: str
+    first_page: int
+    page_ids: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class StepPlan:
     """What the scheduler asks of one step."""
     chunks: tuple[ScheduledChunk, ...]  # running requests first, then newly admitted
@@ -50,11 +60,12 @@ class StepPlan:
     # Requests that finished or were aborted since the previous plan: the runner releases whatever
     # it holds for them (sampling rows) before it admits this plan's chunks.
     finished_ids: tuple[str, ...] = ()
+    imports: tuple[PageImport, ...] = ()  # written first; their requests may have chunks in this plan
 
     @property
     def is_empty(self) -> bool:
-        """Nothing to run (there may still be rows to release)."""
-        return not self.chunks
+        """Nothing to run or write (there may still be rows to release)."""
+        return not self.chunks and not self.imports
 
 
 @dataclasses.dataclass(frozen=True)

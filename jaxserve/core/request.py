@@ -17,6 +17,11 @@ from jaxserve.usage import Usage
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    # Disaggregated serving (jaxserve/disagg): a prefill engine's request whose first token is
+    # sampled and whose pages wait, pinned, for the decode side to confirm receipt; and a decode
+    # engine's imported request whose pages are reserved while its KV is on the way.
+    EXPORTED = "exported"
+    RECEIVING = "receiving"
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
@@ -58,6 +63,8 @@ class Request:
     detokenizer: IncrementalDetokenizer | None = None
     # prompt_logprobs: {position: log-probability} gathered chunk by chunk, sent with the first token.
     prompt_logprobs: dict[int, float] | None = None
+    # Prefill engine of a disaggregated deployment: hand the request over after its first token.
+    export: bool = False
 
     def __post_init__(self):
         self.prompt_token_ids = list(self.prompt_token_ids)

@@ -15,7 +15,7 @@ import time
 from typing import NamedTuple
 
 from jaxserve.core.block_manager import BlockManager
-from jaxserve.core.plan import RunnerOutput, SampledToken, ScheduledChunk, StepPlan
+from jaxserve.core.plan import PageImport, RunnerOutput, SampledToken, ScheduledChunk, StepPlan
 from jaxserve.core.request import Request, RequestStatus
 from jaxserve.errors import InvalidRequestError
 
@@ -48,6 +48,12 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._requests: dict[str, Request] = {}  # unfinished requests only
+        # Disaggregated serving. exported: first token sampled, pages pinned until release_export.
+        # receiving: imported with pages reserved; arrived: their KV is on this side's devices.
+        self.exported: dict[str, Request] = {}
+        self.receiving: dict[str, Request] = {}
+        self._arrived: set[str] = set()
+        self.num_import_fallbacks = 0  # imports whose transfer failed, recomputed here instead
         self._finished_ids: list[str] = []       # finished since the last plan (the runner releases them)
         self._seed_rng = random.Random()
         # Prompt tokens looked up in / served from the prefix cache at first admission (engine stats).
@@ -66,10 +72,11 @@ class Scheduler:
 
     @property
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Work to do: waiting, running or receiving requests (exported ones only wait for release)."""
+        return bool(self.waiting or self.running or self.receiving)
 
     def unfinished_ids(self) -> list[str]:
-        return [r.request_id for r in self.waiting + self.running]
+        return [r.request_id for r in self.waiting + self.running] + list(self.receiving) + list(self.exported)
 
     def get_request(self, request_id: str) -> Request | None:
         """The unfinished request with this id, or None (finished requests are forgotten)."""
@@ -116,34 +123,120 @@ class Scheduler:
         request = self._requests.pop(request_id, None)
         if request is None:
             return
-        if request.status is RequestStatus.RUNNING:
+        was = request.status
+        if was is RequestStatus.RUNNING:
             self.running.remove(request)
-        else:
+        elif was is RequestStatus.WAITING:
             self.waiting.remove(request)
+        elif was is RequestStatus.RECEIVING:
+            del self.receiving[request_id]
+            self._arrived.discard(request_id)
+        else:
+            del self.exported[request_id]
         request.status = status
         self.block_manager.free(request_id)
-        self._finished_ids.append(request_id)
+        if was is not RequestStatus.EXPORTED:  # an exported request's row was released at export
+            self._finished_ids.append(request_id)
+
+    # --- disaggregated serving -----------------------------------------------------------------
+    def release_export(self, request_id: str) -> bool:
+        """The decode side has the exported request's KV (or gave up on it): free its pages, once.
+        False when the id is not an exported request (already released, or never exported)."""
+        if request_id not in self.exported:
+            return False
+        self.finish(request_id, RequestStatus.FINISHED_STOPPED)
+        return True
+
+    def add_import(self, request: Request) -> bool:
+        """Takes over a request another engine prefilled: all its tokens but the last have KV there.
+        Reserves a seat and pages for every token (prefix-cache hits here need no transfer); False,
+        changing nothing, when either is short, so the caller can retry or go elsewhere."""
+        self._validate(request)
+        if len(self.running) + len(self.receiving) >= self.max_num_seqs:
+            return False
+        hits = self.block_manager.lookup_prefix(request)
+        num_cached = request.num_cached_tokens  # the prefill side's figure, kept for usage
+        if not self.block_manager.allocate(request, request.num_tokens - hits):
+            self.block_manager.free(request.request_id)  # forget the hashes the lookup computed
+            return False
+        request.num_cached_tokens = num_cached
+        request.status = RequestStatus.RECEIVING
+        self._requests[request.request_id] = request
+        self.receiving[request.request_id] = request
+        return True
+
+    def import_first_page(self, request_id: str) -> int:
+        """Leading pages the prefix cache gave a receiving request: the transfer skips them."""
+        return self.receiving[request_id].num_computed_tokens // self.block_manager.page_size
+
+    def mark_arrived(self, request_id: str) -> None:
+        """The request's KV is on this side: the next plan writes it and the request decodes."""
+        if request_id in self.receiving:
+            self._arrived.add(request_id)
+
+    def fall_back_to_recompute(self, request_id: str) -> bool:
+        """A receiving request whose transfer failed: drop its reserved pages and queue it to
+        prefill here (as a preempted request recomputes). False if it is not receiving."""
+        request = self.receiving.pop(request_id, None)
+        if request is None:
+            return False
+        self._arrived.discard(request_id)
+        self.block_manager.free(request_id)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        bisect.insort(self.waiting, request, key=_queue_key)
+        self.num_import_fallbacks += 1
+        return True
+
+    def _promote_arrived(self) -> dict[str, tuple[Request, int]]:
+        """Arrived imports join `running` with every token but the last computed."""
+        promoted = {rid: (r, self.import_first_page(rid)) for rid, r in self.receiving.items() if rid in self._arrived}
+        for rid, (request, _) in promoted.items():
+            del self.receiving[rid]
+            self._arrived.discard(rid)
+            request.num_computed_tokens = request.num_tokens - 1
+            request.status = RequestStatus.RUNNING
+            bisect.insort(self.running, request, key=_queue_key)
+        return promoted
+
+    def _page_import(self, request: Request, first: int) -> PageImport:
+        bm = self.block_manager
+        table = bm.page_table(request.request_id)[:bm.pages_needed(request.num_computed_tokens)]
+        return PageImport(request.request_id, first, tuple(table[first:]))
+
+    def _export(self, request: Request) -> None:
+        """After its first token: out of the batch, its pages pinned until release_export."""
+        self.running.remove(request)
+        request.status = RequestStatus.EXPORTED
+        self.exported[request.request_id] = request
+        self._finished_ids.append(request.request_id)  # the runner releases its row now
 
     # --- scheduling --------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         budget = self.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
+        promoted = self._promote_arrived()  # {request id: (request, first transferred page)}
+        fresh = set(promoted)
         i = 0
         # Victims always come from the tail, at or after i, so index i stays valid.
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = self._chunk_length(request, request.num_computed_tokens, budget)
             if self._allocate_or_preempt(request, num_new, preempted):
-                chunks.append(self._make_chunk(request, num_new))
+                chunks.append(self._make_chunk(request, num_new, admitted=request.request_id in fresh))
                 budget -= num_new
                 i += 1
         # Admitting right after a preemption would take back the pages just freed: wait a step.
         if not preempted:
             chunks.extend(self._admit_waiting(budget))
+        # A promoted import preempted in this same plan recomputes instead: its pages are gone.
+        imports = tuple(self._page_import(r, first) for r, first in promoted.values()
+                        if r.status is RequestStatus.RUNNING)
         finished, self._finished_ids = tuple(self._finished_ids), []
         return StepPlan(chunks=tuple(chunks), num_tokens=sum(c.num_tokens for c in chunks),
-                        preempted_ids=tuple(r.request_id for r in preempted), finished_ids=finished)
+                        preempted_ids=tuple(r.request_id for r in preempted), finished_ids=finished,
+                        imports=imports)
 
     def _chunk_length(self, request: Request, num_computed: int, budget: int) -> int:
         num_new = min(request.num_tokens - num_computed, budget)
@@ -247,4 +340,6 @@ class Scheduler:
                 self.finish(request.request_id, stop)
                 text += request.final_text()
                 break
+        if request.export and request.status is RequestStatus.RUNNING:
+            self._export(request)
         return RequestUpdate(request, tuple(taken), text)
