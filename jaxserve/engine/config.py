@@ -27,6 +27,13 @@ class EngineConfig:
     # expert whose renormalized router weight is below this / once the kept experts hold this much.
     moe_min_router_weight: float = 0.0
     moe_top_p: float = 1.0
+    # Disaggregated serving: the KV pages' wire format between prefill and decode engines (auto: the
+    # pool's own, exact; int8: float pages as int8 + a scale per vector), how long a decode engine
+    # waits for an import's pages before recomputing the prompt itself, and how long a prefill
+    # engine keeps an exported request's pages pinned when nobody confirms or abandons them.
+    kv_transfer_dtype: str = "auto"
+    kv_transfer_timeout: float = 30.0
+    kv_export_lease_timeout: float = 120.0
 
     @property
     def router_options(self) -> dict:
@@ -41,6 +48,10 @@ class EngineConfig:
             raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}; "
                              f"got {self.attention_backend!r}")
         check_router_options(self.moe_min_router_weight, self.moe_top_p)
+        if self.kv_transfer_dtype not in ("auto", "int8"):
+            raise ValueError(f"kv_transfer_dtype must be auto or int8; got {self.kv_transfer_dtype!r}")
+        if self.kv_transfer_timeout <= 0 or self.kv_export_lease_timeout <= 0:
+            raise ValueError("kv_transfer_timeout and kv_export_lease_timeout must be positive")
 
     @property
     def kv_memory(self) -> int:

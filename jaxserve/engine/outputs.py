@@ -21,6 +21,9 @@ class RequestDelta:
     logprobs: tuple[SampledToken, ...] | None = None
     prompt_logprobs: tuple[float | None, ...] | None = None  # with the first token: one per prompt token, first None
     queue_time: float | None = None    # on the finished delta: seconds from arrival to first scheduled
+    # A prefill engine's request handed over after this delta's first token (jaxserve.engine.handoff.KVExport):
+    # the last delta this engine sends for it.
+    export: object | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +63,14 @@ class EngineStats:
     prefix_cache_hits: int       # of which served from the cache
     num_preemptions: int
     compile_count: int
+    # Disaggregated serving: exported requests whose pages are pinned, imports in flight, and totals.
+    num_exported: int = 0
+    num_receiving: int = 0
+    transfers_completed: int = 0
+    transfer_failures: int = 0        # imports that fell back to recomputing (failed or timed out)
+    transfer_bytes: int = 0
+    transfer_seconds: float = 0.0     # summed fetch-to-written time of completed imports
+    exports_expired: int = 0          # leases the prefill side ended itself (nobody confirmed)
 
     @property
     def kv_cache_usage(self) -> float:

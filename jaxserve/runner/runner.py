@@ -29,6 +29,7 @@ from jaxserve.ops.sampling import PenaltyState, record_tokens, sample, set_penal
 from jaxserve.parallel import LogicalMesh, logical_mesh
 from jaxserve.runner.batch import StepBatch, host_batch, unpack_prompt_logprobs, unpack_sampled
 from jaxserve.runner.kv_calibration import calibrate
+from jaxserve.runner.page_transfer import PageMover
 from jaxserve.runner.penalties import PenaltySlots
 from pallas_kernels.kv_formats import KVFormat
 
@@ -84,7 +85,7 @@ class ModelRunner:
 
     def __init__(self, model: LoadedModel, num_pages: int, page_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, kv_format: KVFormat,
-                 backend: AttentionBackend, mesh=None):
+                 backend: AttentionBackend, mesh=None, kv_transfer_dtype: str = "auto"):
         self.model, self.page_size, self.max_num_seqs = model, page_size, max_num_seqs
         self.backend, self.lmesh = backend, logical_mesh(model.config, mesh)
         self.max_pages_per_seq = -(-max_model_len // page_size)
@@ -100,6 +101,23 @@ class ModelRunner:
         self._set_row = jax.jit(set_penalty_row, donate_argnums=0, **keep)
         for t in self.buckets:
             self._compile(t, score=False)
+        pages_at = (self.lmesh.sharding(kv_page_axes(self.state.kv).k) if self.lmesh is not None
+                    else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        self.pages = PageMover(self.state.kv, kv_transfer_dtype, pages_at,
+                               None if self.lmesh is None else _shardings_of(self.state.kv))
+        self._staged: dict[str, list] = {}  # request id -> its arrived pages, written by the next plan
+
+    # --- disaggregated serving: a request's pages out of this pool, or into it --------------------
+    def export_pages(self, pages: list[int]) -> tuple[list, int]:
+        """The pages' arrays (dispatched; the next step's donation waits for the read), and their bucket."""
+        return self.pages.gather(self.state.kv, pages)
+
+    def stage_import(self, request_id: str, arrays) -> None:
+        """Arrived pages (already in this pool's layout) for the plan that lists the request's import."""
+        self._staged[request_id] = arrays
+
+    def drop_import(self, request_id: str) -> None:
+        self._staged.pop(request_id, None)
 
     def _place_state(self, make, *args) -> RunnerState:
         """Builds the state straight into its shardings (never whole on one device): KV pages split
@@ -144,7 +162,10 @@ class ModelRunner:
         """Releases what the plan says is done, then runs its chunks: the sampled token of every chunk
         that samples (and prompt log-probabilities). An empty plan only releases."""
         self.slots.release(plan.finished_ids + plan.preempted_ids)
-        if plan.is_empty:
+        for imp in plan.imports:
+            kv = self.pages.scatter(self.state.kv, self._staged.pop(imp.request_id), imp.first_page, imp.page_ids)
+            self.state = self.state._replace(kv=kv)
+        if not plan.chunks:
             return RunnerOutput({})
         for slot, seen, counts in self.slots.assign(plan.chunks):
             self.state = self.state._replace(penalties=self._set_row(self.state.penalties, slot, seen, counts))
