@@ -34,9 +34,9 @@ def run(args):
                     max_model_len=args.max_model_len, drain_timeout=args.drain_timeout)
     if args.max_queued_requests < 0:
         raise ValueError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
-    from jaxserve.parallel.mesh import parse_mesh
+    from jaxserve.parallel.mesh import parse_deployment
 
-    mesh = parse_mesh(args.mesh)  # the one parse; fails on bad text before loading anything
+    mesh = parse_deployment(args.mesh)  # the one parse; fails on bad text before loading anything
     import asyncio
 
     from jaxserve.engine.config import EngineConfig

@@ -59,6 +59,7 @@ class AsyncEngine:
         self._stopping = False
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self.num_step_errors = 0
+        engine.run_soon = self._run_soon  # leases of exported pages end from other threads
         self._thread = threading.Thread(target=self._run, name="jaxserve-engine", daemon=True)
         self._thread.start()
 
@@ -82,24 +83,47 @@ class AsyncEngine:
         return await asyncio.wrap_future(self.submit(fn))
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestDelta]:
-        """Adds the request and yields its deltas until the finished one. Add errors (e.g.
-        InvalidRequestError) raise here. Leaving the loop early aborts the request."""
+                       request_id: str | None = None, priority: int = 0,
+                       export: bool = False) -> AsyncIterator[RequestDelta]:
+        """Adds the request and yields its deltas until the finished one (or, with export, the one
+        carrying its KVExport). Add errors (e.g. InvalidRequestError) raise here. Leaving the loop
+        early aborts the request."""
         stream = _Stream(asyncio.get_running_loop())
 
         def add(engine: Engine) -> str:
-            rid = engine.add_request(prompt, params, request_id, priority)
+            rid = engine.add_request(prompt, params, request_id, priority, export=export)
             self._streams[rid] = stream  # registered before any step can produce a delta
             return rid
 
-        future = self.submit(add)
+        rid = await self._opened(self.submit(add))
+        async for delta in self._deltas(rid, stream):
+            yield delta
+
+    async def open_import(self, export) -> AsyncIterator[RequestDelta] | None:
+        """Imports a prefilled request (jaxserve.engine.handoff.KVExport): its delta stream, or None
+        when this engine has no seat or pages for it now (nothing changed)."""
+        stream = _Stream(asyncio.get_running_loop())
+
+        def add(engine: Engine) -> str | None:
+            if not engine.import_request(export):
+                return None
+            self._streams[export.state.request_id] = stream
+            return export.state.request_id
+
+        rid = await self._opened(self.submit(add))
+        return None if rid is None else self._deltas(rid, stream)
+
+    async def _opened(self, future: concurrent.futures.Future):
         try:
-            rid = await asyncio.wrap_future(future)
+            return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
             # Cancelling the wrapper cancels the command unless it already ran; if it did, undo it.
             future.add_done_callback(
-                lambda f: f.cancelled() or f.exception() is not None or self._abort_later(f.result()))
+                lambda f: f.cancelled() or f.exception() is not None or f.result() is None
+                or self._abort_later(f.result()))
             raise
+
+    async def _deltas(self, rid: str, stream: _Stream) -> AsyncIterator[RequestDelta]:
         finished = False
         try:
             while True:
@@ -107,7 +131,7 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     finished = True  # the engine thread already aborted it
                     raise item
-                finished = item.finished
+                finished = item.finished or item.export is not None
                 yield item
                 if finished:
                     return
@@ -136,6 +160,12 @@ class AsyncEngine:
         self.shutdown()
 
     # --- engine thread ------------------------------------------------------------------------
+    def _run_soon(self, fn: Callable[[], object]) -> None:
+        try:
+            self.submit(lambda engine: fn())
+        except EngineDeadError:
+            pass  # the engine is gone, and its pages with it
+
     def _abort_later(self, rid: str) -> None:
         """Fire-and-forget abort from any thread; stops delivering to the stream at once."""
         def drop(engine: Engine) -> bool:
@@ -151,7 +181,9 @@ class AsyncEngine:
         while True:
             with self._cv:
                 while not (self._commands or self._stopping or self._has_work()):
-                    self._cv.wait()
+                    # Exported pages' leases expire even while idle.
+                    if not self._cv.wait(timeout=1.0):
+                        self._commands.append((lambda engine: engine.expire_exports(), concurrent.futures.Future()))
                 commands = list(self._commands)
                 self._commands.clear()
                 stopping = self._stopping
@@ -192,7 +224,7 @@ class AsyncEngine:
             stream = self._streams.get(delta.request_id)
             if stream is None:
                 continue  # added through submit(), or its consumer left
-            if delta.finished:
+            if delta.finished or delta.export is not None:
                 del self._streams[delta.request_id]
             batches.setdefault(stream.loop, []).append((stream.queue, delta))
         for loop, items in batches.items():

@@ -12,7 +12,8 @@ from jax.sharding import Mesh
 from jaxserve.checkpoint import LoadedModel, load_model
 from jaxserve.engine.config import EngineConfig
 from jaxserve.engine.engine import Engine
-from jaxserve.parallel import MeshSpec, as_mesh_spec, check_engine_mesh, device_mesh, replica_meshes, replica_view
+from jaxserve.parallel import (DisaggMeshSpec, MeshSpec, as_mesh_spec, check_engine_mesh, device_mesh, replica_meshes,
+                               replica_view)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,26 @@ def load_engines(model: str | Path | LoadedModel, config: EngineConfig = EngineC
     loaded = _load(model, dtype, progress, devices)
     rows = replica_meshes(devices)
     return [_start(replica_view(loaded, devices, row), config, row, i, len(rows)) for i, row in enumerate(rows)]
+
+
+def load_disaggregated_engines(model: str | Path, config: EngineConfig, spec: DisaggMeshSpec, dtype: str = "auto",
+                               progress: bool = True) -> tuple[list[Engine], list[Engine]]:
+    """(prefill engines, decode engines): one per replica of each side, each side on its own devices
+    (prefill first) with its own copy of the weights, every engine on a mesh of its devices."""
+    import jax
+
+    devices = jax.devices()
+    if len(devices) < spec.num_devices:
+        raise ValueError(f"--mesh {spec}: needs {spec.num_devices} devices, but only {len(devices)} are available")
+    sides, first = [], 0
+    for role, side in (("prefill", spec.prefill), ("decode", spec.decode)):
+        mesh = device_mesh(side, devices[first:first + side.num_devices])
+        first += side.num_devices
+        log.info("%s side: --mesh %s on devices %s", role, side, [d.id for d in mesh.devices.flat])
+        loaded = _load(model, dtype, progress, mesh)
+        rows = replica_meshes(mesh)
+        sides.append([_start(replica_view(loaded, mesh, row), config, row, i, len(rows)) for i, row in enumerate(rows)])
+    return sides[0], sides[1]
 
 
 def _load(model, dtype: str, progress: bool, mesh: Mesh | None) -> LoadedModel:

@@ -188,7 +188,7 @@ class Engine:
         for rid in plan.preempted_ids:  # an import preempted on arrival recomputes: its pages go unused
             self._end_import(rid, received=False)
         deltas += [self._update_delta(u) for u in self.scheduler.update(plan, output)]
-        self._expire_exports()
+        self.expire_exports()
         if plan.is_empty and self._incoming:
             time.sleep(0.001)  # only imports in flight: poll them without spinning a core
         return deltas
@@ -247,7 +247,7 @@ class Engine:
         release = lambda: self.release_export(request_id, received)  # noqa: E731
         release() if self.run_soon is None else self.run_soon(release)
 
-    def _expire_exports(self) -> None:
+    def expire_exports(self) -> None:
         now = time.monotonic()
         for rid in [r for r, deadline in self._export_deadlines.items() if deadline < now]:
             log.warning("export of %s: nobody took or abandoned its pages in %.0f s; freeing them", rid,

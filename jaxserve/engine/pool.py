@@ -34,12 +34,26 @@ class PoolStats:
     waiting: int
     in_flight: int
     kv_cache_usage: float  # mean over replicas
+    role: str = "colocated"
+    # Disaggregated serving (jaxserve.disagg), summed over both sides: exported requests whose
+    # pages are pinned, imports whose pages are on the way, and the transfer totals.
+    exports_pinned: int = 0
+    imports_in_flight: int = 0
+    transfers_completed: int = 0
+    transfer_failures: int = 0
+    transfer_bytes: int = 0
+    transfer_seconds: float = 0.0
+    exports_expired: int = 0
 
 
-def _sum_stats(per_replica: list[EngineStats], in_flight: int) -> PoolStats:
-    return PoolStats(sum(s.pages_total for s in per_replica), sum(s.pages_free for s in per_replica),
-                     sum(s.num_running for s in per_replica), sum(s.num_waiting for s in per_replica), in_flight,
-                     sum(s.kv_cache_usage for s in per_replica) / len(per_replica))
+_SUMMED = ("transfers_completed", "transfer_failures", "transfer_bytes", "transfer_seconds", "exports_expired")
+
+
+def sum_stats(per_engine: list[EngineStats], in_flight: int, role: str = "colocated") -> PoolStats:
+    total = lambda name: sum(getattr(s, name) for s in per_engine)  # noqa: E731
+    return PoolStats(total("pages_total"), total("pages_free"), total("num_running"), total("num_waiting"), in_flight,
+                     total("kv_cache_usage") / len(per_engine), role, total("num_exported"), total("num_receiving"),
+                     **{name: total(name) for name in _SUMMED})
 
 
 class EnginePool:
@@ -96,12 +110,12 @@ class EnginePool:
     async def stats(self) -> PoolStats:
         """Counters read on each engine's thread, between steps."""
         per_replica = [await r.call(lambda engine: engine.stats()) for r in self.replicas]
-        return _sum_stats(per_replica, self.in_flight)
+        return sum_stats(per_replica, self.in_flight)
 
     def snapshot(self) -> PoolStats:
         """The same counters read from this thread without waiting (plain ints; at worst one step
         stale): for metrics scrapes, which must not queue behind a step."""
-        return _sum_stats([e.stats() for e in self._engines], self.in_flight)
+        return sum_stats([e.stats() for e in self._engines], self.in_flight)
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
         for r in self.replicas:

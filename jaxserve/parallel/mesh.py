@@ -67,6 +67,44 @@ def parse_mesh(text: str | None) -> MeshSpec:
     return MeshSpec(**sizes)
 
 
+@dataclasses.dataclass(frozen=True)
+class DisaggMeshSpec:
+    """Prefill and decode engines on disjoint devices of one process: prefill on the first
+    prefill.num_devices devices, decode on the next decode.num_devices."""
+    prefill: MeshSpec
+    decode: MeshSpec
+
+    @property
+    def num_devices(self) -> int:
+        return self.prefill.num_devices + self.decode.num_devices
+
+    def __str__(self) -> str:
+        return f"prefill:{self.prefill} decode:{self.decode}"
+
+
+ROLES = ("prefill", "decode")
+
+
+def parse_deployment(text: str | None) -> MeshSpec | DisaggMeshSpec:
+    """A --mesh text: "tp=2,dp=2" (colocated) or "prefill:tp=2 decode:tp=4,dp=2" (each side's
+    axes after its role, sides separated by a space or ';'). Raises ValueError naming the problem."""
+    if text is None or ":" not in text:
+        return parse_mesh(text)
+    sides: dict[str, MeshSpec] = {}
+    for part in text.replace(";", " ").split():
+        role, sep, axes = part.partition(":")
+        if not sep or role not in ROLES:
+            raise ValueError(f"--mesh: expected prefill:AXES decode:AXES, got {part!r} "
+                             "(e.g. \"prefill:tp=2 decode:tp=2,dp=2\")")
+        if role in sides:
+            raise ValueError(f"--mesh: {role} given twice")
+        sides[role] = parse_mesh(axes)
+    missing = [r for r in ROLES if r not in sides]
+    if missing:
+        raise ValueError(f"--mesh: a disaggregated mesh needs both sides; {missing[0]} is missing")
+    return DisaggMeshSpec(sides["prefill"], sides["decode"])
+
+
 def as_mesh_spec(mesh: MeshSpec | str | None) -> MeshSpec:
     return mesh if isinstance(mesh, MeshSpec) else parse_mesh(mesh)
 

@@ -4,16 +4,25 @@ SIGTERM. The server sees the engines only through EnginePool and EngineInfo."""
 from __future__ import annotations
 
 from jaxserve.engine.pool import EnginePool
-from jaxserve.parallel.mesh import MeshSpec
+from jaxserve.parallel.mesh import DisaggMeshSpec, MeshSpec
 from jaxserve.server.app import Server, ServerConfig, serve
 from jaxserve.server.service import ServingInfo
 
 __all__ = ["EnginePool", "Server", "ServerConfig", "ServingInfo", "serve", "start_pool"]
 
 
-def start_pool(model: str, dtype: str, engine_config, mesh: MeshSpec, max_queued_requests: int,
+def start_pool(model: str, dtype: str, engine_config, mesh: MeshSpec | DisaggMeshSpec, max_queued_requests: int,
                progress: bool = True) -> tuple[EnginePool, ServingInfo]:
-    """Loads `model` once onto the devices of `mesh` and wraps an engine per replica in a pool."""
+    """Loads `model` once onto the devices of `mesh` and wraps an engine per replica in a pool; a
+    disaggregated mesh gets prefill and decode engines in a DisaggPool."""
+    if isinstance(mesh, DisaggMeshSpec):
+        from jaxserve.disagg import DisaggPool
+        from jaxserve.engine.build import load_disaggregated_engines
+
+        prefill, decode = load_disaggregated_engines(model, engine_config, mesh, dtype=dtype, progress=progress)
+        info = ServingInfo(model_name=model, mesh=str(mesh), num_devices=mesh.num_devices,
+                           max_queued_requests=max_queued_requests)
+        return DisaggPool(prefill, decode, max_queued_requests), info
     from jaxserve.engine.build import load_engines
 
     engines = load_engines(model, engine_config, mesh, dtype=dtype, progress=progress)

@@ -68,7 +68,19 @@ class _PoolGauges:
     """The engines' gauges, from one snapshot of the pool per scrape (so they agree with each other)."""
     GAUGES = {"num_requests_running": ("Requests in the running batch.", lambda s: s.running),
               "num_requests_waiting": ("Requests waiting to be scheduled.", lambda s: s.waiting),
-              "kv_cache_usage_perc": ("Fraction of KV pages in use (1 = full).", lambda s: s.kv_cache_usage)}
+              "kv_cache_usage_perc": ("Fraction of KV pages in use (1 = full).", lambda s: s.kv_cache_usage),
+              # Disaggregated serving (0 when colocated). Totals are gauges of the engines' own counters.
+              "kv_exports_pinned": ("Prefilled requests whose pages wait for a decode engine.",
+                                    lambda s: s.exports_pinned),
+              "kv_imports_in_flight": ("Requests whose KV pages are on the way to a decode engine.",
+                                       lambda s: s.imports_in_flight),
+              "kv_transfers_completed": ("KV page transfers written on the decode side.", lambda s: s.transfers_completed),
+              "kv_transfer_failures": ("KV transfers that failed or timed out (recomputed).", lambda s: s.transfer_failures),
+              "kv_transfer_bytes": ("Bytes of KV pages transferred.", lambda s: s.transfer_bytes),
+              "kv_transfer_seconds": ("Seconds spent in KV transfers (fetch to written), summed.",
+                                      lambda s: s.transfer_seconds),
+              "kv_exports_expired": ("Pinned pages freed because no decode engine confirmed them.",
+                                     lambda s: s.exports_expired)}
 
     def __init__(self, pool, model_name: str):
         self.pool, self.model_name = pool, model_name

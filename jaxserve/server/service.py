@@ -193,7 +193,10 @@ class JaxServeService(pb_grpc.JaxServeServicer):
             page_size=info.page_size, pages_total=stats.pages_total, pages_free=stats.pages_free,
             running_requests=stats.running, waiting_requests=stats.waiting, max_num_seqs=info.max_num_seqs,
             max_queued_requests=self.info.max_queued_requests, uptime_s=time.monotonic() - self.started,
-            draining=self.draining)
+            draining=self.draining, role=stats.role, exports_pinned=stats.exports_pinned,
+            imports_in_flight=stats.imports_in_flight, transfers_completed=stats.transfers_completed,
+            transfer_failures=stats.transfer_failures, transfer_bytes=stats.transfer_bytes,
+            transfer_seconds=stats.transfer_seconds, exports_expired=stats.exports_expired)
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         aborted = await self.pool.abort(request.request_id)
