@@ -21,9 +21,9 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model: str, *args: str, env: dict | None = None):
+    def __init__(self, model: str, *args: str, env: dict | None = None, port: int | None = None):
         self.model = model
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.metrics_port = port or free_port(), free_port()  # port: e.g. a restart on the same one
         self.address = f"127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="jaxserve-server-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "jaxserve.cli", "--log-level", "INFO", "serve", "--model", model,
@@ -54,6 +54,11 @@ class ServerProcess:
 
     def terminate(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no goodbye."""
+        self.proc.kill()
+        self.proc.wait()
 
     def stop(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:

@@ -89,6 +89,9 @@ class _FaultyPages:
             raise ConnectionError("injected: the prefill side went away")
         return [_NeverReady()]
 
+    def failed(self):
+        pass
+
 
 class _NeverReady:
     def is_ready(self):

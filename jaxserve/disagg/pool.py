@@ -1,5 +1,6 @@
 """DisaggPool: prefill engines and decode engines on disjoint devices of one process, behind the
-EnginePool interface the server and jobs use.
+EnginePool interface the server and jobs use. DecodeFront is what it shares with the decode
+server of separate processes (remote.py): the decode engines, the import, abort and stats.
 
 A request runs its prompt on a prefill engine (chunked, prefix-cached), whose first sampled token
 streams to the client at once; the prefill engine exports it (jaxserve.engine.handoff) and a
@@ -30,23 +31,23 @@ from jaxserve.usage import Usage
 IMPORT_RETRY_S = (0.005, 0.1)  # first and longest wait between import attempts when decode is full
 
 
-class DisaggPool:
-    role = "prefill+decode"
+class DecodeFront:
+    """Decode engines behind the pool interface; subclasses say where prompts are prefilled
+    (`_prefill`: the request's deltas up to the one carrying its KVExport) and how to abort there."""
+    role = "decode"
 
-    def __init__(self, prefill: list[Engine], decode: list[Engine], max_queued_requests: int):
-        if not prefill or not decode:
-            raise ValueError("a disaggregated pool needs at least one prefill and one decode engine")
-        specs = {e.kv_spec for e in prefill + decode}
-        if len(specs) > 1:  # checked when the two sides connect, before any request
-            raise ValueError(f"prefill and decode KV pages differ: {sorted(specs)} (same model, kv cache "
-                             "dtype, page size and transfer format needed)")
-        self._engines = prefill + decode
-        self.prefill = [AsyncEngine(e) for e in prefill]
+    def __init__(self, decode: list[Engine], max_queued_requests: int, engines: list[Engine] = ()):
+        if not decode:
+            raise ValueError("a disaggregated pool needs at least one decode engine")
+        self._engines = list(engines) + list(decode)
         self.decode = [AsyncEngine(e) for e in decode]
-        self.replicas = self.prefill + self.decode
+        self.replicas = list(self.decode)
         self.capacity = sum(e.info().max_num_seqs for e in decode) + max_queued_requests
         self._where: dict[str, tuple[str, int | None]] = {}  # request id -> (phase, replica), while in flight
-        self._aborted: set[str] = set()                       # aborted while waiting for a decode seat
+        self._aborted: set[str] = set()                       # aborted while prefilled elsewhere or waiting
+
+    async def start(self) -> None:
+        """Called once the server's event loop runs (connections to other servers)."""
 
     def info(self) -> EngineInfo:
         """The decode side's facts (it holds the streams); the model is the same on both sides."""
@@ -73,9 +74,8 @@ class DisaggPool:
             raise DuplicateRequestError(f"request_id {request_id!r} is already in flight")
         if self.in_flight >= self.capacity:
             raise QueueFullError(f"full: {self.in_flight} requests in flight (capacity {self.capacity}); retry later")
-        index = min(range(len(self.prefill)), key=lambda i: self._load("prefill", i))
-        self._where[request_id] = ("prefill", index)
-        stream = self._run(prompt, params, request_id, priority, index)
+        self._where[request_id] = ("prefill", None)
+        stream = self._run(prompt, params, request_id, priority)
         try:
             async with contextlib.aclosing(stream):
                 yield stream
@@ -83,13 +83,20 @@ class DisaggPool:
             self._where.pop(request_id, None)
             self._aborted.discard(request_id)
 
-    async def _run(self, prompt, params, rid: str, priority: int, index: int) -> AsyncIterator[RequestDelta]:
+    async def _prefill(self, prompt, params, rid: str, priority: int) -> AsyncIterator[RequestDelta]:
+        raise NotImplementedError
+        yield
+
+    async def _abort_prefill(self, rid: str, index: int | None) -> bool:
+        raise NotImplementedError
+
+    async def _run(self, prompt, params, rid: str, priority: int) -> AsyncIterator[RequestDelta]:
         export, deltas = None, None
         try:
-            async for delta in self.prefill[index].generate(prompt, params, rid, priority, export=True):
+            async for delta in self._prefill(prompt, params, rid, priority):
                 export = delta.export
                 yield dataclasses.replace(delta, export=None)
-            if export is None:  # finished on the prefill side (its first token ended it)
+            if export is None:  # finished on the prefill side (its first token ended it, or an abort)
                 return
             self._where[rid] = ("waiting", None)
             deltas = await self._import(export)
@@ -112,6 +119,8 @@ class DisaggPool:
                 deltas = await self.decode[i].open_import(export)
                 if deltas is not None:
                     self._where[rid] = ("decode", i)
+                    if rid in self._aborted:  # aborted while the import was on its way: its stream says so
+                        await self.decode[i].abort(rid)
                     return deltas
             await asyncio.sleep(wait)
             wait = min(2 * wait, IMPORT_RETRY_S[1])
@@ -124,15 +133,17 @@ class DisaggPool:
         return sum(1 for p, i in self._where.values() if p == phase and i == index)
 
     async def abort(self, request_id: str) -> bool:
+        """Wherever the request is: on a decode engine it is aborted there; before that it is marked,
+        the prefill side is told, and it never reaches a decode engine (or is aborted on arrival)."""
         phase, index = self._where.get(request_id, (None, None))
-        if phase == "prefill":
-            return await self.prefill[index].abort(request_id)
+        if phase is None:
+            return False
         if phase == "decode":
             return await self.decode[index].abort(request_id)
-        if phase == "waiting":
-            self._aborted.add(request_id)
-            return True
-        return False
+        self._aborted.add(request_id)
+        if phase == "prefill":
+            await self._abort_prefill(request_id, index)
+        return True
 
     async def stats(self) -> PoolStats:
         """Both sides' counters, read on each engine's thread between steps."""
@@ -145,6 +156,31 @@ class DisaggPool:
     def shutdown(self, timeout: float | None = 30.0) -> None:
         for r in self.replicas:
             r.shutdown(timeout)
+
+
+class DisaggPool(DecodeFront):
+    """Prefill engines of this process (jax.device_put from their meshes to the decode engines')."""
+    role = "prefill+decode"
+
+    def __init__(self, prefill: list[Engine], decode: list[Engine], max_queued_requests: int):
+        if not prefill:
+            raise ValueError("a disaggregated pool needs at least one prefill engine")
+        specs = {e.kv_spec for e in prefill + decode}
+        if len(specs) > 1:  # checked when the two sides connect, before any request
+            raise ValueError(f"prefill and decode KV pages differ: {sorted(specs)} (same model, kv cache "
+                             "dtype, page size and transfer format needed)")
+        super().__init__(decode, max_queued_requests, engines=prefill)
+        self.prefill = [AsyncEngine(e) for e in prefill]
+        self.replicas = self.prefill + self.decode
+
+    async def _prefill(self, prompt, params, rid: str, priority: int) -> AsyncIterator[RequestDelta]:
+        index = min(range(len(self.prefill)), key=lambda i: self._load("prefill", i))
+        self._where[rid] = ("prefill", index)
+        async for delta in self.prefill[index].generate(prompt, params, rid, priority, export=True):
+            yield delta
+
+    async def _abort_prefill(self, rid: str, index: int | None) -> bool:
+        return index is not None and await self.prefill[index].abort(rid)
 
 
 def _aborted_delta(export) -> RequestDelta:

@@ -17,6 +17,7 @@ import collections
 import concurrent.futures
 import logging
 import threading
+import time
 from typing import AsyncIterator, Callable
 
 from jaxserve.engine.engine import Engine
@@ -24,6 +25,7 @@ from jaxserve.engine.outputs import RequestDelta
 from jaxserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+LEASE_CHECK_S = 0.5  # how often an idle engine thread looks for expired export leases
 
 
 class EngineDeadError(RuntimeError):
@@ -59,6 +61,7 @@ class AsyncEngine:
         self._stopping = False
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self.num_step_errors = 0
+        self._next_lease_check = 0.0
         engine.run_soon = self._run_soon  # leases of exported pages end from other threads
         self._thread = threading.Thread(target=self._run, name="jaxserve-engine", daemon=True)
         self._thread.start()
@@ -181,9 +184,8 @@ class AsyncEngine:
         while True:
             with self._cv:
                 while not (self._commands or self._stopping or self._has_work()):
-                    # Exported pages' leases expire even while idle.
-                    if not self._cv.wait(timeout=1.0):
-                        self._commands.append((lambda engine: engine.expire_exports(), concurrent.futures.Future()))
+                    if not self._cv.wait(timeout=LEASE_CHECK_S):
+                        break  # exported pages' leases expire even while idle
                 commands = list(self._commands)
                 self._commands.clear()
                 stopping = self._stopping
@@ -196,8 +198,20 @@ class AsyncEngine:
             if stopping:
                 self._drain()
                 return
+            self._expire_leases()
             if self._has_work():
                 self._step()
+
+    def _expire_leases(self) -> None:
+        """At most once per LEASE_CHECK_S, whatever wakes the thread (steps, or commands such as
+        stats polls, which would otherwise keep an idle wait from ever timing out)."""
+        now = time.monotonic()
+        if now >= self._next_lease_check:
+            self._next_lease_check = now + LEASE_CHECK_S
+            try:
+                self.engine.expire_exports()
+            except Exception:  # noqa: BLE001
+                log.exception("expiring exported pages failed")
 
     def _has_work(self) -> bool:
         try:

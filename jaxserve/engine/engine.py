@@ -188,7 +188,8 @@ class Engine:
         for rid in plan.preempted_ids:  # an import preempted on arrival recomputes: its pages go unused
             self._end_import(rid, received=False)
         deltas += [self._update_delta(u) for u in self.scheduler.update(plan, output)]
-        self.expire_exports()
+        if self.run_soon is None:  # on its own (no AsyncEngine thread checking on a timer)
+            self.expire_exports()
         if plan.is_empty and self._incoming:
             time.sleep(0.001)  # only imports in flight: poll them without spinning a core
         return deltas
@@ -266,11 +267,13 @@ class Engine:
                 self.scheduler.mark_arrived(rid)
             elif status != "waiting":
                 self._abandon_import(rid, "transfer failed" if status == "failed" else
-                                     f"no pages after {self.config.kv_transfer_timeout:.1f} s")
+                                     f"its KV pages did not arrive within {self.config.kv_transfer_timeout:.1f} s")
 
     def _abandon_import(self, request_id: str, why: str) -> None:
         log.warning("import of %s: %s; prefilling it here instead", request_id, why)
         self._transfers["transfer_failures"] += 1
+        if request_id in self._incoming:
+            self._incoming[request_id].export.pages.failed()
         self.scheduler.fall_back_to_recompute(request_id)
         self._end_import(request_id, received=False)
 

@@ -45,6 +45,9 @@ class PageSource(Protocol):
     def fetch(self, place: Callable[[list], list]) -> list:
         """The pages' arrays on the receiver, placed by `place` (asynchronous: poll is_ready)."""
 
+    def failed(self) -> None:
+        """The fetched arrays failed or timed out (e.g. forget a broken connection)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class LocalPages:
@@ -54,6 +57,9 @@ class LocalPages:
 
     def fetch(self, place):
         return place(list(self.arrays))
+
+    def failed(self) -> None:
+        pass
 
 
 class Lease:
@@ -101,7 +107,9 @@ class Incoming:
         """"ready" | "waiting" | "failed" (the transfer raised) | "timeout"."""
         try:
             if all(a.is_ready() for a in self.arrays):
+                for a in self.arrays:  # ready: returns at once, or raises what the transfer hit
+                    a.block_until_ready()
                 return "ready"
-        except Exception:  # noqa: BLE001 - a failed transfer surfaces here
+        except Exception:  # noqa: BLE001 - a failed transfer surfaces here, before any step uses it
             return "failed"
         return "timeout" if time.monotonic() > self.deadline else "waiting"

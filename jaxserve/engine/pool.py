@@ -57,6 +57,8 @@ def sum_stats(per_engine: list[EngineStats], in_flight: int, role: str = "coloca
 
 
 class EnginePool:
+    role = "colocated"  # "prefill" on a prefill server (jaxserve.disagg.remote)
+
     def __init__(self, engines: list[Engine], max_queued_requests: int):
         if not engines:
             raise ValueError("EnginePool needs at least one engine")
@@ -74,6 +76,13 @@ class EnginePool:
         return self._engines[0].tokenizer
 
     @property
+    def kv_spec(self) -> str:
+        return self._engines[0].kv_spec
+
+    async def start(self) -> None:
+        """Called once the server's event loop runs (nothing to connect here)."""
+
+    @property
     def in_flight(self) -> int:
         return len(self._where)
 
@@ -82,8 +91,8 @@ class EnginePool:
         return all(r.is_running for r in self.replicas)
 
     @contextlib.asynccontextmanager
-    async def generate(self, prompt, params: SamplingParams, request_id: str,
-                       priority: int) -> AsyncIterator[AsyncIterator[RequestDelta]]:
+    async def generate(self, prompt, params: SamplingParams, request_id: str, priority: int,
+                       export: bool = False) -> AsyncIterator[AsyncIterator[RequestDelta]]:
         """`async with pool.generate(...) as deltas:` admits the request (or raises QueueFullError /
         DuplicateRequestError at once); leaving the block early aborts it and frees its pages."""
         if request_id in self._where:
@@ -93,7 +102,7 @@ class EnginePool:
                                  f"(capacity {self.capacity}); retry later")
         index = min(range(len(self.replicas)), key=self._load)
         self._where[request_id] = index
-        stream = self.replicas[index].generate(prompt, params, request_id, priority)
+        stream = self.replicas[index].generate(prompt, params, request_id, priority, export=export)
         try:
             async with contextlib.aclosing(stream):
                 yield stream
@@ -110,12 +119,12 @@ class EnginePool:
     async def stats(self) -> PoolStats:
         """Counters read on each engine's thread, between steps."""
         per_replica = [await r.call(lambda engine: engine.stats()) for r in self.replicas]
-        return sum_stats(per_replica, self.in_flight)
+        return sum_stats(per_replica, self.in_flight, self.role)
 
     def snapshot(self) -> PoolStats:
         """The same counters read from this thread without waiting (plain ints; at worst one step
         stale): for metrics scrapes, which must not queue behind a step."""
-        return sum_stats([e.stats() for e in self._engines], self.in_flight)
+        return sum_stats([e.stats() for e in self._engines], self.in_flight, self.role)
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
         for r in self.replicas:

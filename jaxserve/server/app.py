@@ -90,6 +90,9 @@ class Server:
                                              ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                                              ("grpc.so_reuseport", 0)])
         register_service(self.service, self.grpc)
+        handoff = getattr(pool, "handoff", None)  # a prefill server's KVHandoff service (jaxserve.disagg.remote)
+        if handoff is not None:
+            handoff.register(self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
@@ -108,6 +111,7 @@ class Server:
         if self.config.metrics_port is not None:
             metrics_server = self.metrics.serve(self.config.metrics_port, self.config.host)
         await self.grpc.start()
+        await self.pool.start()
         for name in (SERVICE_NAME, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s (metrics: %s)", SERVICE_NAME, f"{self.config.host}:{self.port}",

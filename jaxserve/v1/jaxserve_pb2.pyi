@@ -281,3 +281,85 @@ class AbortResponse(_message.Message):
     ABORTED_FIELD_NUMBER: _ClassVar[int]
     aborted: bool
     def __init__(self, aborted: _Optional[bool] = ...) -> None: ...
+
+class ConnectRequest(_message.Message):
+    __slots__ = ("kv_spec",)
+    KV_SPEC_FIELD_NUMBER: _ClassVar[int]
+    kv_spec: str
+    def __init__(self, kv_spec: _Optional[str] = ...) -> None: ...
+
+class ConnectResponse(_message.Message):
+    __slots__ = ("kv_spec", "model", "transfer_address")
+    KV_SPEC_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    kv_spec: str
+    model: str
+    transfer_address: str
+    def __init__(self, kv_spec: _Optional[str] = ..., model: _Optional[str] = ..., transfer_address: _Optional[str] = ...) -> None: ...
+
+class PrefillRequest(_message.Message):
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "priority")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    sampling: SamplingParams
+    priority: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
+
+class WireArray(_message.Message):
+    __slots__ = ("shape", "dtype", "num_shards")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    num_shards: int
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., num_shards: _Optional[int] = ...) -> None: ...
+
+class PrefillResponse(_message.Message):
+    __slots__ = ("first", "exported", "transfer_id", "arrays", "sampling_seed", "num_cached_tokens", "queue_time_s", "age_s", "prefill_time_s", "num_pages", "nbytes", "transfer_address", "kv_spec")
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    EXPORTED_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    ARRAYS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_SEED_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    AGE_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    KV_SPEC_FIELD_NUMBER: _ClassVar[int]
+    first: GenerateResponse
+    exported: bool
+    transfer_id: int
+    arrays: _containers.RepeatedCompositeFieldContainer[WireArray]
+    sampling_seed: int
+    num_cached_tokens: int
+    queue_time_s: float
+    age_s: float
+    prefill_time_s: float
+    num_pages: int
+    nbytes: int
+    transfer_address: str
+    kv_spec: str
+    def __init__(self, first: _Optional[_Union[GenerateResponse, _Mapping]] = ..., exported: _Optional[bool] = ..., transfer_id: _Optional[int] = ..., arrays: _Optional[_Iterable[_Union[WireArray, _Mapping]]] = ..., sampling_seed: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., queue_time_s: _Optional[float] = ..., age_s: _Optional[float] = ..., prefill_time_s: _Optional[float] = ..., num_pages: _Optional[int] = ..., nbytes: _Optional[int] = ..., transfer_address: _Optional[str] = ..., kv_spec: _Optional[str] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("transfer_id", "received")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: int
+    received: bool
+    def __init__(self, transfer_id: _Optional[int] = ..., received: _Optional[bool] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    def __init__(self, released: _Optional[bool] = ...) -> None: ...

@@ -314,3 +314,173 @@ class JaxServe:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class KVHandoffStub:
+    """Internal, between servers: a decode server (`jaxserve serve --role decode`, the address clients
+    use) sends each prompt to a prefill server (`--role prefill`), which runs it, answers with the
+    first token and offers the request's KV pages for the decode server to pull
+    (jax.experimental.transfer); the decode server releases them once written, or abandons them.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Connect = channel.unary_unary(
+                '/jaxserve.v1.KVHandoff/Connect',
+                request_serializer=jaxserve_dot_v1_dot_jaxserve__pb2.ConnectRequest.SerializeToString,
+                response_deserializer=jaxserve_dot_v1_dot_jaxserve__pb2.ConnectResponse.FromString,
+                _registered_method=True)
+        self.Prefill = channel.unary_unary(
+                '/jaxserve.v1.KVHandoff/Prefill',
+                request_serializer=jaxserve_dot_v1_dot_jaxserve__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=jaxserve_dot_v1_dot_jaxserve__pb2.PrefillResponse.FromString,
+                _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/jaxserve.v1.KVHandoff/Release',
+                request_serializer=jaxserve_dot_v1_dot_jaxserve__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=jaxserve_dot_v1_dot_jaxserve__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
+
+
+class KVHandoffServicer:
+    """Internal, between servers: a decode server (`jaxserve serve --role decode`, the address clients
+    use) sends each prompt to a prefill server (`--role prefill`), which runs it, answers with the
+    first token and offers the request's KV pages for the decode server to pull
+    (jax.experimental.transfer); the decode server releases them once written, or abandons them.
+    """
+
+    def Connect(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Prefill(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_KVHandoffServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Connect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Connect,
+                    request_deserializer=jaxserve_dot_v1_dot_jaxserve__pb2.ConnectRequest.FromString,
+                    response_serializer=jaxserve_dot_v1_dot_jaxserve__pb2.ConnectResponse.SerializeToString,
+            ),
+            'Prefill': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prefill,
+                    request_deserializer=jaxserve_dot_v1_dot_jaxserve__pb2.PrefillRequest.FromString,
+                    response_serializer=jaxserve_dot_v1_dot_jaxserve__pb2.PrefillResponse.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=jaxserve_dot_v1_dot_jaxserve__pb2.ReleaseRequest.FromString,
+                    response_serializer=jaxserve_dot_v1_dot_jaxserve__pb2.ReleaseResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'jaxserve.v1.KVHandoff', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('jaxserve.v1.KVHandoff', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class KVHandoff:
+    """Internal, between servers: a decode server (`jaxserve serve --role decode`, the address clients
+    use) sends each prompt to a prefill server (`--role prefill`), which runs it, answers with the
+    first token and offers the request's KV pages for the decode server to pull
+    (jax.experimental.transfer); the decode server releases them once written, or abandons them.
+    """
+
+    @staticmethod
+    def Connect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jaxserve.v1.KVHandoff/Connect',
+            jaxserve_dot_v1_dot_jaxserve__pb2.ConnectRequest.SerializeToString,
+            jaxserve_dot_v1_dot_jaxserve__pb2.ConnectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jaxserve.v1.KVHandoff/Prefill',
+            jaxserve_dot_v1_dot_jaxserve__pb2.PrefillRequest.SerializeToString,
+            jaxserve_dot_v1_dot_jaxserve__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jaxserve.v1.KVHandoff/Release',
+            jaxserve_dot_v1_dot_jaxserve__pb2.ReleaseRequest.SerializeToString,
+            jaxserve_dot_v1_dot_jaxserve__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
