@@ -22,7 +22,7 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, model: str, *args: str, env: dict | None = None, port: int | None = None):
-        self.model = model
+        self.model, self.args, self.env = model, args, env
         self.port, self.metrics_port = port or free_port(), free_port()  # port: e.g. a restart on the same one
         self.address = f"127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="jaxserve-server-", suffix=".log", delete=False)
@@ -59,6 +59,11 @@ class ServerProcess:
         """SIGKILL: no drain, no goodbye."""
         self.proc.kill()
         self.proc.wait()
+
+    def restart(self) -> None:
+        """The same command on the same port (after kill or stop)."""
+        again = ServerProcess(self.model, *self.args, env=self.env, port=self.port)
+        self.proc, self.log, self.metrics_port = again.proc, again.log, again.metrics_port
 
     def stop(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:

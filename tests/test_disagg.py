@@ -196,7 +196,9 @@ def test_aborts_and_disconnects_at_every_phase_free_every_page(pool, engines):
         done = await asyncio.gather(*busy)
         return done, {rid: await task for rid, task in aborted.items()}, left
 
+    refused = sum(e.stats().imports_refused for e in engines[1])
     done, aborted, left = asyncio.run(main())
+    assert sum(e.stats().imports_refused for e in engines[1]) > refused   # requests waited for a decode seat
     assert all(last.finish_reason == "length" and len(tokens) == 24 for tokens, last in done)
     for rid, (tokens, last) in aborted.items():
         assert last.finished and last.finish_reason == "abort", rid

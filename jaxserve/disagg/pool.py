@@ -40,6 +40,8 @@ class DecodeFront:
         if not decode:
             raise ValueError("a disaggregated pool needs at least one decode engine")
         self._engines = list(engines) + list(decode)
+        for engine in self._engines:  # before any thread runs them
+            engine.prepare_transfers()
         self.decode = [AsyncEngine(e) for e in decode]
         self.replicas = list(self.decode)
         self.capacity = sum(e.info().max_num_seqs for e in decode) + max_queued_requests

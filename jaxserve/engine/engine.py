@@ -87,7 +87,8 @@ class Engine:
         self._export_deadlines: dict[str, float] = {}  # exported request id -> lease expiry
         self._incoming: dict[str, Incoming] = {}
         self._transfers = dict(transfers_completed=0, transfer_failures=0, transfer_bytes=0,
-                               transfer_seconds=0.0, exports_expired=0)
+                               transfer_seconds=0.0, exports_expired=0, exports=0, export_prefill_seconds=0.0,
+                               imports_refused=0)
 
     # --- what servers and jobs see -----------------------------------------------------------------
     def info(self) -> EngineInfo:
@@ -99,6 +100,10 @@ class Engine:
                            sched.num_waiting, sched.prefix_cache_queries, sched.prefix_cache_hits,
                            sched.num_preemptions, self.runner.compile_count, len(sched.exported),
                            len(sched.receiving), **self._transfers)
+
+    def prepare_transfers(self) -> None:
+        """Compiles the KV page transfer programs now (a disaggregated deployment calls this at start)."""
+        self.runner.compile_transfers()
 
     @property
     def kv_spec(self) -> str:
@@ -210,6 +215,7 @@ class Engine:
                                       f"({self.kv_spec}): same model, kv cache dtype, page size and transfer format needed")
         request = self._imported_request(export.state)
         if not self.scheduler.add_import(request):
+            self._transfers["imports_refused"] += 1
             return False
         try:
             arrays = export.pages.fetch(self.runner.pages.place)
@@ -240,6 +246,8 @@ class Engine:
                              request.priority, request.sampling_seed, request.num_cached_tokens,
                              request.first_scheduled_time - request.arrival_time, now - request.arrival_time, len(pages))
         self._export_deadlines[rid] = now + self.config.kv_export_lease_timeout
+        self._transfers["exports"] += 1
+        self._transfers["export_prefill_seconds"] += now - request.first_scheduled_time
         return KVExport(state, self.kv_spec, LocalPages(tuple(arrays), sum(a.nbytes for a in arrays)),
                         Lease(rid, self._lease_ended), prefill_time=now - request.first_scheduled_time)
 

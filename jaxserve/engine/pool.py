@@ -44,9 +44,13 @@ class PoolStats:
     transfer_bytes: int = 0
     transfer_seconds: float = 0.0
     exports_expired: int = 0
+    exports: int = 0
+    export_prefill_seconds: float = 0.0
+    imports_refused: int = 0
 
 
-_SUMMED = ("transfers_completed", "transfer_failures", "transfer_bytes", "transfer_seconds", "exports_expired")
+_SUMMED = ("transfers_completed", "transfer_failures", "transfer_bytes", "transfer_seconds", "exports_expired",
+           "exports", "export_prefill_seconds", "imports_refused")
 
 
 def sum_stats(per_engine: list[EngineStats], in_flight: int, role: str = "colocated") -> PoolStats:

@@ -92,20 +92,38 @@ class PageMover:
         keep = {} if state_sharding is None else {"out_shardings": state_sharding}
         self._gather = jax.jit(functools.partial(_gather, wire=wire), **place)
         self._scatter = jax.jit(functools.partial(_scatter, wire=wire), donate_argnums=0, **keep)
+        self._compiled_gather: dict[int, object] = {}   # bucket -> program
+        self._compiled_scatter: dict[int, object] = {}
+        self.compile_count = 0
+
+    def compile(self, kv: KVPages, max_pages: int) -> None:
+        """Every bucket up to max_pages ahead of time, as the step programs are: a transfer never
+        compiles while serving (an export or import of a new size would stall its engine's steps)."""
+        n = 1
+        while True:
+            ids = jax.ShapeDtypeStruct((n,), jnp.int32)
+            gather = self._gather.lower(kv, ids).compile()
+            wire = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.sharding) for a in gather.out_info]
+            self._compiled_gather[n] = gather
+            self._compiled_scatter[n] = self._scatter.lower(kv, ids, tuple(wire)).compile()
+            self.compile_count += 2
+            if n >= max_pages:
+                return
+            n *= 2
 
     def gather(self, kv: KVPages, pages: list[int]) -> tuple[list, int]:
         """The pages' arrays (dispatched, not waited for), padded to a bucket; and the bucket."""
         n = page_bucket(len(pages))
         ids = np.zeros(n, np.int32)
         ids[:len(pages)] = pages
-        return list(self._gather(kv, ids)), n
+        return list(self._compiled_gather.get(n, self._gather)(kv, ids)), n
 
     def scatter(self, kv: KVPages, arrays, first_page: int, page_ids) -> KVPages:
         """Writes transferred pages first_page.. into page_ids; the rest go to the null page."""
         n = arrays[0].shape[1]
         dest = np.zeros(n, np.int32)
         dest[first_page:first_page + len(page_ids)] = page_ids
-        return self._scatter(kv, dest, tuple(arrays))
+        return self._compiled_scatter.get(n, self._scatter)(kv, dest, tuple(arrays))
 
     def place(self, arrays) -> list:
         """Arrays from elsewhere (another mesh, another process) -> this pool's layout (async)."""

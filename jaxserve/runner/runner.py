@@ -108,6 +108,11 @@ class ModelRunner:
         self._staged: dict[str, list] = {}  # request id -> its arrived pages, written by the next plan
 
     # --- disaggregated serving: a request's pages out of this pool, or into it --------------------
+    def compile_transfers(self) -> None:
+        """The page gather and scatter programs for every transfer size (disaggregated engines)."""
+        if not self.pages.compile_count:
+            self.pages.compile(self.state.kv, self.max_pages_per_seq)
+
     def export_pages(self, pages: list[int]) -> tuple[list, int]:
         """The pages' arrays (dispatched; the next step's donation waits for the read), and their bucket."""
         return self.pages.gather(self.state.kv, pages)

@@ -41,6 +41,8 @@ def start_pool(model: str, dtype: str, engine_config, mesh: MeshSpec | DisaggMes
         from jaxserve.disagg.wire import KVSender
 
         pool.role = "prefill"
+        for engine in engines:
+            engine.prepare_transfers()
         sender = KVSender(host=transfer_host, ttl_s=engine_config.kv_export_lease_timeout)
         pool.handoff = KVHandoffService(pool, sender, model, engine_config.kv_export_lease_timeout)
     return pool, info

@@ -80,7 +80,9 @@ class _PoolGauges:
               "kv_transfer_seconds": ("Seconds spent in KV transfers (fetch to written), summed.",
                                       lambda s: s.transfer_seconds),
               "kv_exports_expired": ("Pinned pages freed because no decode engine confirmed them.",
-                                     lambda s: s.exports_expired)}
+                                     lambda s: s.exports_expired),
+              "kv_imports_refused": ("Handoffs refused by a full decode engine (then retried).",
+                                     lambda s: s.imports_refused)}
 
     def __init__(self, pool, model_name: str):
         self.pool, self.model_name = pool, model_name

@@ -196,7 +196,8 @@ class JaxServeService(pb_grpc.JaxServeServicer):
             draining=self.draining, role=stats.role, exports_pinned=stats.exports_pinned,
             imports_in_flight=stats.imports_in_flight, transfers_completed=stats.transfers_completed,
             transfer_failures=stats.transfer_failures, transfer_bytes=stats.transfer_bytes,
-            transfer_seconds=stats.transfer_seconds, exports_expired=stats.exports_expired)
+            transfer_seconds=stats.transfer_seconds, exports_expired=stats.exports_expired,
+            imports_refused=stats.imports_refused)
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         aborted = await self.pool.abort(request.request_id)

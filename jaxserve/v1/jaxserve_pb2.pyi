@@ -221,7 +221,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "platform", "attention_backend", "mesh", "num_devices", "kv_cache_dtype", "page_size", "pages_total", "pages_free", "running_requests", "waiting_requests", "max_num_seqs", "max_queued_requests", "uptime_s", "draining", "role", "exports_pinned", "imports_in_flight", "transfers_completed", "transfer_failures", "transfer_bytes", "transfer_seconds", "exports_expired")
+    __slots__ = ("version", "platform", "attention_backend", "mesh", "num_devices", "kv_cache_dtype", "page_size", "pages_total", "pages_free", "running_requests", "waiting_requests", "max_num_seqs", "max_queued_requests", "uptime_s", "draining", "role", "exports_pinned", "imports_in_flight", "transfers_completed", "transfer_failures", "transfer_bytes", "transfer_seconds", "exports_expired", "imports_refused")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -245,6 +245,7 @@ class ServerInfo(_message.Message):
     TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EXPORTS_EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    IMPORTS_REFUSED_FIELD_NUMBER: _ClassVar[int]
     version: str
     platform: str
     attention_backend: str
@@ -268,7 +269,8 @@ class ServerInfo(_message.Message):
     transfer_bytes: int
     transfer_seconds: float
     exports_expired: int
-    def __init__(self, version: _Optional[str] = ..., platform: _Optional[str] = ..., attention_backend: _Optional[str] = ..., mesh: _Optional[str] = ..., num_devices: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., page_size: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., uptime_s: _Optional[float] = ..., draining: _Optional[bool] = ..., role: _Optional[str] = ..., exports_pinned: _Optional[int] = ..., imports_in_flight: _Optional[int] = ..., transfers_completed: _Optional[int] = ..., transfer_failures: _Optional[int] = ..., transfer_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., exports_expired: _Optional[int] = ...) -> None: ...
+    imports_refused: int
+    def __init__(self, version: _Optional[str] = ..., platform: _Optional[str] = ..., attention_backend: _Optional[str] = ..., mesh: _Optional[str] = ..., num_devices: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., page_size: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., uptime_s: _Optional[float] = ..., draining: _Optional[bool] = ..., role: _Optional[str] = ..., exports_pinned: _Optional[int] = ..., imports_in_flight: _Optional[int] = ..., transfers_completed: _Optional[int] = ..., transfer_failures: _Optional[int] = ..., transfer_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., exports_expired: _Optional[int] = ..., imports_refused: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)
