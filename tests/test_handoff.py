@@ -145,3 +145,38 @@ def test_an_import_preempted_in_its_arrival_step_is_not_written():
     assert {r.request_id for r in finished} == {"run", "imp"} and not d.model.written
     assert imp.output_token_ids == expected_output(prompt, 3)
     assert run.output_token_ids == expected_output(run.prompt_token_ids, 4)
+
+
+def test_receiving_imports_hold_their_seats():
+    d = decode_harness(num_pages=64, page_size=4, max_num_seqs=2)
+    d.add("a", [1, 2, 3], max_tokens=8)
+    d.step()
+    prompt = list(range(10, 15))
+    c = Request("c", prompt, SamplingParams(max_tokens=4), output_token_ids=expected_output(prompt, 1), sampling_seed=1)
+    assert d.scheduler.add_import(c)                         # 1 running + 1 receiving: the engine is full
+    late = d.add("late", [4, 5, 6], max_tokens=2)
+    d.step()
+    assert late.status is RequestStatus.WAITING             # no seat while c's KV is on the way
+    d.model.payloads["c"] = [{i: t for i, t in enumerate(prompt[:4])}, {0: prompt[4]}]
+    d.scheduler.mark_arrived("c")
+    while d.scheduler.has_unfinished:
+        d.step()
+        assert d.scheduler.num_running <= 2
+    assert c.output_token_ids == expected_output(prompt, 4)
+
+
+def test_an_import_whose_first_chunk_waits_for_budget_still_sends_its_history():
+    d = decode_harness(num_pages=64, page_size=4, max_num_seqs=4, max_num_batched_tokens=8)
+    d.add("long", list(range(1, 30)), max_tokens=2)           # takes the whole budget for a few steps
+    d.step()
+    prompt = [7, 8, 9]
+    params = SamplingParams(max_tokens=3, repetition_penalty=1.2)
+    imp = Request("imp", prompt, params, output_token_ids=expected_output(prompt, 1), sampling_seed=1, priority=1)
+    assert d.scheduler.add_import(imp)
+    d.model.payloads["imp"] = [{0: 7, 1: 8, 2: 9}]
+    d.scheduler.mark_arrived("imp")
+    firsts = []
+    while d.scheduler.has_unfinished:
+        plan = d.step()
+        firsts += [c for c in plan.chunks if c.request_id == "imp"][:1]
+    assert firsts[0].history == tuple(prompt)               # sent with its first chunk, whichever step that was

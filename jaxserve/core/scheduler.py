@@ -15,7 +15,7 @@ import time
 from typing import NamedTuple
 
 from jaxserve.core.block_manager import BlockManager
-from jaxserve.core.handoff import HandoffMixin, queue_key as _queue_key
+from jaxserve.core.export_import import ExportImportMixin, queue_key as _queue_key
 from jaxserve.core.plan import RunnerOutput, SampledToken, ScheduledChunk, StepPlan
 from jaxserve.core.request import Request, RequestStatus
 from jaxserve.errors import InvalidRequestError
@@ -30,7 +30,7 @@ class RequestUpdate(NamedTuple):
     text: str                          # the text they complete (stop strings cut, held-back text flushed at finish)
 
 
-class Scheduler(HandoffMixin):
+class Scheduler(ExportImportMixin):
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, long_prefill_token_threshold: int | None = None):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
@@ -50,6 +50,7 @@ class Scheduler(HandoffMixin):
         self.exported: dict[str, Request] = {}
         self.receiving: dict[str, Request] = {}
         self._arrived: set[str] = set()
+        self._fresh_imports: set[str] = set()  # promoted imports whose first chunk is still to come
         self.num_import_fallbacks = 0  # imports whose transfer failed, recomputed here instead
         self._finished_ids: list[str] = []       # finished since the last plan (the runner releases them)
         self._seed_rng = random.Random()
@@ -131,6 +132,7 @@ class Scheduler(HandoffMixin):
         else:
             del self.exported[request_id]
         request.status = status
+        self._fresh_imports.discard(request_id)
         self.block_manager.free(request_id)
         if was is not RequestStatus.EXPORTED:  # an exported request's row was released at export
             self._finished_ids.append(request_id)
@@ -141,14 +143,13 @@ class Scheduler(HandoffMixin):
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
         promoted = self._promote_arrived()  # {request id: (request, first transferred page)}
-        fresh = set(promoted)
         i = 0
         # Victims always come from the tail, at or after i, so index i stays valid.
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = self._chunk_length(request, request.num_computed_tokens, budget)
             if self._allocate_or_preempt(request, num_new, preempted):
-                chunks.append(self._make_chunk(request, num_new, admitted=request.request_id in fresh))
+                chunks.append(self._make_chunk(request, num_new, admitted=self._take_fresh(request)))
                 budget -= num_new
                 i += 1
         # Admitting right after a preemption would take back the pages just freed: wait a step.
@@ -183,6 +184,7 @@ class Scheduler(HandoffMixin):
         """Recompute preemption: drop the KV, keep the output tokens, requeue by (priority, arrival)."""
         self.running.remove(request)
         self.block_manager.free(request.request_id)
+        self._fresh_imports.discard(request.request_id)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
@@ -193,7 +195,8 @@ class Scheduler(HandoffMixin):
         """Admit from the head of `waiting` while seats, budget and pages last. Stops at the first
         request that does not fit, so none jumps the queue."""
         chunks = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        # Receiving imports hold seats too: they join `running` when their KV arrives.
+        while self.waiting and budget > 0 and len(self.running) + len(self.receiving) < self.max_num_seqs:
             request = self.waiting[0]
             num_cached = self.block_manager.lookup_prefix(request)
             num_new = self._chunk_length(request, num_cached, budget)

@@ -172,6 +172,8 @@ class DisaggPool(DecodeFront):
             raise ValueError(f"prefill and decode KV pages differ: {sorted(specs)} (same model, kv cache "
                              "dtype, page size and transfer format needed)")
         super().__init__(decode, max_queued_requests, engines=prefill)
+        for engine in prefill:  # no dead peer in one process; an expired lease would only free pages
+            engine.export_leases_expire = False  # whose staged copy the pool still holds
         self.prefill = [AsyncEngine(e) for e in prefill]
         self.replicas = self.prefill + self.decode
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import secrets
 import time
 from typing import AsyncIterator
 
@@ -32,7 +33,7 @@ from jaxserve.disagg.wire import KVReceiver, KVSender, OfferLimitError, WireSpec
 from jaxserve.engine.engine import Engine
 from jaxserve.engine.handoff import KVExport, Lease, RequestState
 from jaxserve.engine.outputs import RequestDelta
-from jaxserve.engine.pool import EnginePool
+from jaxserve.engine.pool import DuplicateRequestError, EnginePool, QueueFullError
 from jaxserve.errors import InvalidRequestError
 from jaxserve.server import protocol
 from jaxserve.server.logsafe import loggable
@@ -42,6 +43,11 @@ from jaxserve.v1 import jaxserve_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 CONNECT_RETRY_S = 2.0
+EXPIRY_CHECK_S = 1.0
+# A prefill server that vanishes without closing its connections (a partition, a frozen host) is
+# noticed within keepalive time + timeout, and the request is prefilled on the decode server.
+KEEPALIVE_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+                     ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,36 +74,58 @@ class KVHandoffService(pb_grpc.KVHandoffServicer):
         self.kv_spec = pool.kv_spec
         self._leases: dict[int, tuple[Lease, float]] = {}  # transfer id -> (lease, expiry)
         self._lease_timeout = lease_timeout
+        self.draining = False  # set by the server's drain: no new prompts
+        self._expiry: asyncio.Task | None = None
 
     def register(self, server) -> None:
         pb_grpc.add_KVHandoffServicer_to_server(self, server)
+
+    async def start(self) -> None:
+        """Expires unreleased offers on a timer, not only when the next prompt comes."""
+        async def expire_forever():
+            while True:
+                await asyncio.sleep(EXPIRY_CHECK_S)
+                self._expire()
+                self.sender.expire()
+        self._expiry = asyncio.create_task(expire_forever())
 
     async def Connect(self, request, context):
         return pb.ConnectResponse(kv_spec=self.kv_spec, model=self.model_name, transfer_address=self.sender.address)
 
     async def Prefill(self, request: pb.PrefillRequest, context):
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the prefill server is shutting down")
+        last, offered = None, False
         try:
             params = protocol.sampling_params(request.sampling)
-            last = None
             async with self.pool.generate(list(request.prompt_token_ids), params, request.request_id,
                                           request.priority, export=True) as deltas:
                 async for last in deltas:
                     pass
+            first = protocol.generate_response(dataclasses.replace(last, export=None), None)
+            if last.export is None:
+                return pb.PrefillResponse(first=first, exported=False)
+            reply = self._offer(last.export, first)
+            offered = True
+            return reply
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        first = protocol.generate_response(dataclasses.replace(last, export=None), None)
-        if last.export is None:
-            return pb.PrefillResponse(first=first, exported=False)
-        return await self._offer(last.export, first, context)
+        except QueueFullError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except DuplicateRequestError as e:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+        except OfferLimitError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        finally:
+            # Cancelled (or failed) after the export and before the offer: nobody will ever pull it.
+            if last is not None and last.export is not None and not offered:
+                last.export.lease.end(received=False)
 
-    async def _offer(self, export: KVExport, first, context) -> pb.PrefillResponse:
+    def _offer(self, export: KVExport, first) -> pb.PrefillResponse:
+        """Offers the pages for pulling (OfferLimitError when too many are outstanding)."""
         self._expire()
         tid = new_transfer_id()
-        try:
-            specs = self.sender.offer(tid, list(export.pages.arrays))
-        except OfferLimitError as e:
-            export.lease.end(received=False)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        specs = self.sender.offer(tid, list(export.pages.arrays))
         self._leases[tid] = (export.lease, time.monotonic() + self._lease_timeout)
         s = export.state
         return pb.PrefillResponse(
@@ -130,6 +158,7 @@ class _PrefillServer:
     stub: pb_grpc.KVHandoffStub | None = None
     transfer_address: str | None = None  # set once connected with a matching KV spec
     in_flight: int = 0
+    connecting: bool = False
 
 
 class RemotePrefillPool(DecodeFront):
@@ -149,13 +178,27 @@ class RemotePrefillPool(DecodeFront):
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         for server in self.servers:
-            server.channel = grpc.aio.insecure_channel(server.address)
+            server.channel = grpc.aio.insecure_channel(server.address, options=KEEPALIVE_OPTIONS)
             server.stub = pb_grpc.KVHandoffStub(server.channel)
+            self._reconnect(server)
+
+    def _reconnect(self, server: _PrefillServer) -> None:
+        """One connecting task per server at a time."""
+        server.transfer_address = None
+        if not server.connecting:
+            server.connecting = True
+            self._tasks = [t for t in self._tasks if not t.done()]
             self._tasks.append(asyncio.create_task(self._connect(server)))
 
     async def _connect(self, server: _PrefillServer) -> None:
         """Connects (retrying until it answers) and checks the KV layouts agree; a server whose
-        pages differ is never used, and says why once."""
+        pages differ is not used (checked again every minute: it may restart with other options)."""
+        try:
+            await self._connect_until_matched(server)
+        finally:
+            server.connecting = False
+
+    async def _connect_until_matched(self, server: _PrefillServer) -> None:
         while server.transfer_address is None:
             try:
                 reply = await server.stub.Connect(pb.ConnectRequest(kv_spec=self.kv_spec), timeout=5.0)
@@ -165,7 +208,8 @@ class RemotePrefillPool(DecodeFront):
             if reply.kv_spec != self.kv_spec:
                 log.error("prefill server %s has KV pages %s, this decode server %s: not using it", server.address,
                           reply.kv_spec, self.kv_spec)
-                return
+                await asyncio.sleep(30 * CONNECT_RETRY_S)
+                continue
             server.transfer_address = reply.transfer_address
             log.info("connected to prefill server %s (KV transfer from %s)", server.address, reply.transfer_address)
 
@@ -189,8 +233,8 @@ class RemotePrefillPool(DecodeFront):
         if reply.exported and reply.kv_spec != self.kv_spec:  # a server restarted with other options
             log.error("prefill server %s now sends KV pages %s (here %s); not using it", server.address,
                       reply.kv_spec, self.kv_spec)
-            server.transfer_address = None
             self._release_soon(server, reply.transfer_id, received=False)
+            self._reconnect(server)
             async for delta in self._local(ids, params, rid, priority):
                 yield delta
             return
@@ -200,7 +244,9 @@ class RemotePrefillPool(DecodeFront):
         yield delta
 
     async def _remote_prefill(self, server, ids, params, rid, priority) -> pb.PrefillResponse | None:
-        request = pb.PrefillRequest(request_id=rid, prompt_token_ids=ids, sampling=_sampling_message(params),
+        # The prefill server's own id for it: unique there even when clients reuse ids or several
+        # decode servers share it (an exported request keeps its id until its pages are released).
+        request = pb.PrefillRequest(request_id=f"{rid[:64]}@{secrets.token_hex(8)}", prompt_token_ids=ids, sampling=protocol.sampling_message(params),
                                     priority=priority)
         server.in_flight += 1
         call = server.stub.Prefill(request)
@@ -219,8 +265,7 @@ class RemotePrefillPool(DecodeFront):
             log.warning("prefill server %s failed %s (%s); prefilling it here", server.address, loggable(rid),
                         e.code().name)
             if e.code() == grpc.StatusCode.UNAVAILABLE:
-                server.transfer_address = None
-                self._tasks.append(asyncio.create_task(self._connect(server)))
+                self._reconnect(server)
             return None
         finally:
             server.in_flight -= 1
@@ -249,8 +294,10 @@ class RemotePrefillPool(DecodeFront):
                 await server.stub.Release(pb.ReleaseRequest(transfer_id=transfer_id, received=received), timeout=10.0)
             except grpc.aio.AioRpcError as e:  # it expires them itself
                 log.info("release of transfer %d on %s failed: %s", transfer_id, server.address, e.code().name)
-        if self._loop is not None and not self._loop.is_closed():
+        try:
             asyncio.run_coroutine_threadsafe(release(), self._loop)
+        except (RuntimeError, TypeError):  # the loop is closed (shutting down): the lease expires there
+            log.info("release of transfer %d on %s not sent (shutting down)", transfer_id, server.address)
 
     async def _abort_prefill(self, rid: str, index: int | None) -> bool:
         call = self._calls.get(rid)
@@ -273,13 +320,3 @@ def _delta_of(msg: pb.GenerateResponse, rid: str) -> RequestDelta:
     return RequestDelta(rid, tuple(msg.token_ids), msg.text, finished, reason,
                         Usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens), logprobs,
                         prompt_logprobs)
-
-
-def _sampling_message(params) -> pb.SamplingParams:
-    msg = pb.SamplingParams(ignore_eos=params.ignore_eos, stop=list(params.stop),
-                            stop_token_ids=list(params.stop_token_ids), prompt_logprobs=params.prompt_logprobs)
-    for name in protocol._OPTIONAL_FIELDS:
-        value = getattr(params, name)
-        if value is not None:
-            setattr(msg, name, value)
-    return msg

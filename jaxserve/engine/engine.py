@@ -85,6 +85,9 @@ class Engine:
         # None: at once, the caller being that thread). Leases end from any thread through it.
         self.run_soon: Callable[[Callable[[], object]], None] | None = None
         self._export_deadlines: dict[str, float] = {}  # exported request id -> lease expiry
+        # Expiry guards against a decode side that died. In one process (DisaggPool) there is none:
+        # every lease is ended by the pool or the decode engine, so the pool turns expiry off.
+        self.export_leases_expire = True
         self._incoming: dict[str, Incoming] = {}
         self._transfers = dict(transfers_completed=0, transfer_failures=0, transfer_bytes=0,
                                transfer_seconds=0.0, exports_expired=0, exports=0, export_prefill_seconds=0.0,
@@ -257,6 +260,8 @@ class Engine:
         release() if self.run_soon is None else self.run_soon(release)
 
     def expire_exports(self) -> None:
+        if not self.export_leases_expire:
+            return
         now = time.monotonic()
         for rid in [r for r, deadline in self._export_deadlines.items() if deadline < now]:
             log.warning("export of %s: nobody took or abandoned its pages in %.0f s; freeing them", rid,

@@ -73,7 +73,7 @@ class EngineStats:
     exports_expired: int = 0          # leases the prefill side ended itself (nobody confirmed)
     exports: int = 0                  # requests exported
     export_prefill_seconds: float = 0.0  # their summed time from first scheduled to export
-    imports_refused: int = 0          # import attempts refused for want of a seat or pages (retried)
+    imports_refused: int = 0          # import attempts refused for want of a seat or pages (each retried)
 
     @property
     def kv_cache_usage(self) -> float:

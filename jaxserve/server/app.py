@@ -88,11 +88,14 @@ class Server:
         self.health = health.aio.HealthServicer()
         self.grpc = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                              ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                                             ("grpc.so_reuseport", 0)])
+                                             ("grpc.so_reuseport", 0),
+                                             # decode servers keep their connections to prefill servers alive
+                                             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                                             ("grpc.keepalive_permit_without_calls", 1)])
         register_service(self.service, self.grpc)
-        handoff = getattr(pool, "handoff", None)  # a prefill server's KVHandoff service (jaxserve.disagg.remote)
-        if handoff is not None:
-            handoff.register(self.grpc)
+        self.handoff = getattr(pool, "handoff", None)  # a prefill server's KVHandoff service (jaxserve.disagg.remote)
+        if self.handoff is not None:
+            self.handoff.register(self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
@@ -112,6 +115,8 @@ class Server:
             metrics_server = self.metrics.serve(self.config.metrics_port, self.config.host)
         await self.grpc.start()
         await self.pool.start()
+        if self.handoff is not None:
+            await self.handoff.start()
         for name in (SERVICE_NAME, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s (metrics: %s)", SERVICE_NAME, f"{self.config.host}:{self.port}",
@@ -126,6 +131,8 @@ class Server:
             log.info("%s: stopping intake, draining %d in-flight requests (up to %.0f s)",
                      reason, self.pool.in_flight, self.config.drain_timeout)
             self.service.draining = True
+            if self.handoff is not None:
+                self.handoff.draining = True
             self._stop.set()
 
     async def _drain(self) -> None:

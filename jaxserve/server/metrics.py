@@ -81,7 +81,7 @@ class _PoolGauges:
                                       lambda s: s.transfer_seconds),
               "kv_exports_expired": ("Pinned pages freed because no decode engine confirmed them.",
                                      lambda s: s.exports_expired),
-              "kv_imports_refused": ("Handoffs refused by a full decode engine (then retried).",
+              "kv_imports_refused": ("Import attempts a full decode engine refused (each is retried).",
                                      lambda s: s.imports_refused)}
 
     def __init__(self, pool, model_name: str):

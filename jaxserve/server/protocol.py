@@ -27,6 +27,17 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
                           stop_token_ids=tuple(msg.stop_token_ids), prompt_logprobs=msg.prompt_logprobs)
 
 
+def sampling_message(params: SamplingParams) -> pb.SamplingParams:
+    """The reverse of sampling_params (a decode server forwarding a request to a prefill server)."""
+    msg = pb.SamplingParams(ignore_eos=params.ignore_eos, stop=list(params.stop),
+                            stop_token_ids=list(params.stop_token_ids), prompt_logprobs=params.prompt_logprobs)
+    for name in _OPTIONAL_FIELDS:
+        value = getattr(params, name)
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
+
+
 def chat_messages(chat: pb.Chat) -> list[dict]:
     if not chat.messages:
         raise InvalidRequestError("chat.messages is empty")

@@ -19,7 +19,16 @@ def queue_key(request: Request) -> tuple[int, float]:
     return request.priority, request.arrival_time
 
 
-class HandoffMixin:
+class ExportImportMixin:
+    # Scheduler state this mixin works on (set in Scheduler.__init__).
+    running: list[Request]
+    waiting: list[Request]
+    exported: dict[str, Request]
+    receiving: dict[str, Request]
+    _arrived: set[str]
+    _fresh_imports: set[str]
+    num_import_fallbacks: int
+
     def release_export(self, request_id: str) -> bool:
         """The decode side has the exported request's KV (or gave up on it): free its pages, once.
         False when the id is not an exported request (already released, or never exported)."""
@@ -64,6 +73,7 @@ class HandoffMixin:
         self._arrived.discard(request_id)
         self.block_manager.free(request_id)
         request.num_computed_tokens = 0
+        request.num_preemptions += 1  # recomputed like a preempted request (keeps its cached-token count)
         request.status = RequestStatus.WAITING
         bisect.insort(self.waiting, request, key=queue_key)
         self.num_import_fallbacks += 1
@@ -77,8 +87,16 @@ class HandoffMixin:
             self._arrived.discard(rid)
             request.num_computed_tokens = request.num_tokens - 1
             request.status = RequestStatus.RUNNING
+            self._fresh_imports.add(rid)  # its first chunk carries the history penalties need
             bisect.insort(self.running, request, key=queue_key)
         return promoted
+
+    def _take_fresh(self, request: Request) -> bool:
+        """Whether this is the first chunk of a promoted import (then it is admitted: penalty history)."""
+        if request.request_id in self._fresh_imports:
+            self._fresh_imports.discard(request.request_id)
+            return True
+        return False
 
     def _page_import(self, request: Request, first: int) -> PageImport:
         bm = self.block_manager
